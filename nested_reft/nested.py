@@ -137,7 +137,7 @@ def build_truncated_model(model: nn.Module, skip: Sequence[int]) -> nn.Module:
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = [text.layer_types[i] for i in kept]
     text.num_hidden_layers = len(kept)
-    small = AutoModelForCausalLM.from_config(config, torch_dtype=next(model.parameters()).dtype)
+    small = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     state = model.state_dict()
     prefix = f"{_prefix(model, find_layers(model))}."
     new_state = {}

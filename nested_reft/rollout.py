@@ -1,0 +1,204 @@
+"""The rollout engine: batched, KV-cached sampling of G completions per prompt from a full or nested model.
+
+Choices:
+- One lean decode loop over the model's own forward (no `generate()` machinery): left-padded prompts,
+  explicit position ids from the attention mask, a DynamicCache built for the model as it runs (so a
+  nested model gets a cache with its own K layers), the LM head applied to the last position only.
+- Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then a draw from a seeded
+  torch.Generator. The behaviour log-prob recorded for each generated token is the log-probability under
+  exactly that processed distribution (temperature-scaled, truncated, renormalised), i.e. the
+  distribution the token was actually drawn from. With top_p = 1 and top_k = 0 (the training default)
+  this is log_softmax(logits / T). `logprobs="recompute"` instead recomputes log_softmax(logits / T) with
+  a teacher-forced pass of the (nested) model over prompt + completion; docs/rollout.md reports the
+  measured difference between the two.
+- EOS is suppressed until `min_new_tokens`; with min == max (the paper's 256) every completion has the
+  same length. After EOS a row emits padding and its completion mask is 0 (EOS itself counts).
+- temperature == 0 is greedy decoding (log-probs then are those of log_softmax(logits)).
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from transformers import DynamicCache
+
+from nested_reft.nested import skip_layers
+from nested_reft.objectives import token_logprobs
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # softmax temperature T; 0 means greedy decoding
+    top_p: float = 1.0  # nucleus sampling mass; 1.0 disables it
+    top_k: int = 0  # keep only the k most likely tokens; 0 disables it
+    max_new_tokens: int = 256  # completion length cap
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens
+    logprobs: str = "sampled"  # "sampled": of the distribution sampled from; "recompute": teacher-forced pass
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+        if self.logprobs not in ("sampled", "recompute"):
+            raise ValueError(f"logprobs must be 'sampled' or 'recompute', got {self.logprobs!r}")
+
+
+class Rollout(NamedTuple):
+    prompt_ids: torch.Tensor  # [B*G, P] left-padded
+    prompt_mask: torch.Tensor  # [B*G, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [B*G, L] pad after EOS
+    completion_mask: torch.Tensor  # [B*G, L] 1 on generated tokens up to and including EOS
+    behavior_logprobs: torch.Tensor  # [B*G, L] float32, log eta'(y_l | s_l); 0 where masked
+    skip: tuple[int, ...]  # layers bypassed by the behaviour model
+    num_prompt_tokens: int  # real prompt tokens over all B*G rows
+    num_completion_tokens: int  # generated tokens over all rows (mask sum)
+    rollout_s: float  # wall time of prefill + decode (+ recompute)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ids [N, P] and an attention mask [N, P]."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if len(s) == 0:
+            raise ValueError(f"prompt {row} is empty")
+        ids[row, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to logits [N, V]; returns log-probs [N, V] of the sampling
+    distribution (excluded tokens get -inf)."""
+    logits = logits.float()
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before this token already exceeds top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def sample_token(logp: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from log-probs [N, V]; returns [N]."""
+    if greedy:
+        return logp.argmax(-1)
+    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+
+
+def _eos_tensor(eos_token_id, device) -> torch.Tensor:
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, generator):
+    """The KV-cached loop. ids/mask [N, P]; returns completion ids, mask and sampled log-probs [N, L]."""
+    n, p = ids.shape
+    full_mask = torch.cat([mask, mask.new_ones(n, cfg.max_new_tokens)], dim=1)  # [N, P+L]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tokens = ids.new_full((n, cfg.max_new_tokens), pad_id)
+    logps = torch.zeros((n, cfg.max_new_tokens), dtype=torch.float32, device=ids.device)
+    done = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    next_pos = positions[:, -1:] + 1  # [N, 1]
+    for t in range(cfg.max_new_tokens):
+        logits = out.logits[:, -1]  # [N, V]
+        if t < cfg.min_new_tokens and eos.numel():
+            logits = logits.index_fill(-1, eos, float("-inf"))
+        logp = process_logits(logits, cfg)
+        tok = sample_token(logp, cfg.temperature == 0, generator)  # [N]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens[:, t] = tok
+        logps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        done = done | torch.isin(tok, eos)
+        if t + 1 == cfg.max_new_tokens or bool(done.all()):
+            tokens, logps = tokens[:, : t + 1], logps[:, : t + 1]
+            break
+        out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        next_pos = next_pos + 1
+    return tokens, completion_mask(tokens, eos), logps
+
+
+def completion_mask(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """1 on every token up to and including the first EOS of each row; tokens [N, L] -> [N, L]."""
+    is_eos = torch.isin(tokens, eos).long()
+    before_or_at_eos = (is_eos.cumsum(-1) - is_eos) == 0
+    return before_or_at_eos.long()
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    num_generations: int,
+    cfg: SamplingConfig,
+    eos_token_id,
+    pad_token_id: int,
+    skip: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample `num_generations` completions for each prompt (token-id lists) from the model with the
+    layers in `skip` bypassed. Rows are ordered prompt-major: the G completions of a prompt are adjacent."""
+    cfg.validate()
+    if num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(num_generations)]
+    ids, mask = left_pad(rows, pad_token_id, device)
+    eos = _eos_tensor(eos_token_id, device)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with skip_layers(model, skip):
+            tokens, cmask, logps = _decode(model, ids, mask, cfg, eos, pad_token_id, generator)
+            if cfg.logprobs == "recompute":
+                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    logps = logps * cmask
+    return Rollout(ids, mask, tokens, cmask, logps, tuple(sorted(skip)), int(mask.sum()), int(cmask.sum()), elapsed)
+
+
+def sequence_logprobs(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Teacher-forced log pi(y_l | s_l) of the completion tokens, [N, L] float32, with the same
+    temperature scaling as sampling (T = 0, greedy, scores with T = 1). Runs with grad if grad is
+    enabled (the trainer's policy pass)."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    length = completion_ids.size(1)
+    step = batch_size or ids.size(0)
+    chunks = []
+    for i in range(0, ids.size(0), step):
+        logits = model(input_ids=ids[i:i + step], attention_mask=mask[i:i + step],
+                       position_ids=positions[i:i + step], use_cache=False,
+                       logits_to_keep=length + 1).logits[:, :-1]  # [n, L, V]: position t predicts t+1
+        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0))
+    return torch.cat(chunks, dim=0)
+

@@ -1,0 +1,32 @@
+"""Tiny random-weight HF models shared by the tests (CPU, fp32, seconds to build)."""
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=3, pad_token_id=0, bos_token_id=1)
+
+
+def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
+    """A tiny causal LM of the given family ('qwen2', 'llama', 'mistral', 'qwen2-sliding')."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **overrides}
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif family == "qwen2-sliding":  # alternate full / sliding-window layers via max_window_layers
+        kwargs.update(use_sliding_window=True, sliding_window=4, max_window_layers=3)
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=4, **kwargs))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture
+def qwen():
+    return tiny_model("qwen2")

@@ -1,0 +1,123 @@
+import pytest
+import torch
+from conftest import tiny_model
+
+from nested_reft import skip_layers
+from nested_reft.nested import build_truncated_model
+from nested_reft.rollout import SamplingConfig, generate, left_pad, process_logits, sequence_logprobs
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+EOS, PAD = 3, 0
+
+
+def greedy(n=8, **kw):
+    return SamplingConfig(temperature=0, max_new_tokens=n, **kw)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen2-sliding"])
+@pytest.mark.parametrize("skip", [(), (0,), (2, 4)])
+def test_greedy_engine_matches_smaller_models_generate(family, skip):
+    model = tiny_model(family)
+    r = generate(model, PROMPTS, 2, greedy(10), None, PAD, skip=skip)
+    small = build_truncated_model(model, skip) if skip else model
+    ids, mask = left_pad(PROMPTS, PAD)
+    ref = small.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
+                         eos_token_id=None)[:, ids.size(1):]
+    assert torch.equal(r.completion_ids[::2], ref) and torch.equal(r.completion_ids[1::2], ref)
+    assert r.skip == tuple(skip)
+
+
+def test_cached_decode_equals_no_cache_recompute():
+    model = tiny_model("qwen2-sliding")
+    r = generate(model, PROMPTS, 1, greedy(12), None, PAD, skip=(0, 3))
+    with torch.no_grad(), skip_layers(model, (0, 3)):
+        for row, prompt in enumerate(PROMPTS):
+            seq = list(prompt)
+            for _ in range(12):  # full forward over the whole sequence every step, no cache
+                seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+            assert r.completion_ids[row].tolist() == seq[len(prompt):]
+
+
+def test_sampled_logprobs_equal_teacher_forced_nested_pass(qwen):
+    cfg = SamplingConfig(temperature=0.7, max_new_tokens=16)
+    r = generate(qwen, PROMPTS, 4, cfg, EOS, PAD, skip=(1, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), skip_layers(qwen, (1, 3)):
+        tf = sequence_logprobs(qwen, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.7)
+    torch.testing.assert_close(tf * r.completion_mask, r.behavior_logprobs, rtol=0, atol=1e-4)
+    re = generate(qwen, PROMPTS, 4, SamplingConfig(temperature=0.7, max_new_tokens=16, logprobs="recompute"),
+                  EOS, PAD, skip=(1, 3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(re.completion_ids, r.completion_ids)
+    torch.testing.assert_close(re.behavior_logprobs, r.behavior_logprobs, rtol=0, atol=1e-4)
+
+
+def test_left_padding_does_not_change_a_prompts_completion(qwen):
+    batch = generate(qwen, PROMPTS, 1, greedy(), None, PAD, skip=(0,))
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(qwen, [prompt], 1, greedy(), None, PAD, skip=(0,))
+        assert torch.equal(alone.completion_ids[0], batch.completion_ids[row])
+        torch.testing.assert_close(alone.behavior_logprobs[0], batch.behavior_logprobs[row], rtol=0, atol=1e-5)
+
+
+def test_fixed_length_suppresses_eos_and_counts_tokens(qwen):
+    qwen.lm_head.weight.data[EOS] += 5.0  # make EOS very likely
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, min_new_tokens=12)
+    r = generate(qwen, PROMPTS, 3, cfg, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    assert r.completion_ids.shape == (9, 12) and bool(r.completion_mask.all())
+    assert not bool((r.completion_ids == EOS).any())
+    assert r.num_completion_tokens == 9 * 12 and r.num_prompt_tokens == 3 * (5 + 2 + 3)
+
+
+def test_variable_length_stops_at_eos_and_masks_after(qwen):
+    qwen.lm_head.weight.data[EOS] += 3.0
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=20, min_new_tokens=2)
+    r = generate(qwen, PROMPTS, 8, cfg, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    lengths = r.completion_mask.sum(1)
+    assert (lengths >= 2).all() and (lengths < 20).any()
+    for row in range(r.completion_ids.size(0)):
+        n = int(lengths[row])
+        ids = r.completion_ids[row]
+        assert n == ids.numel() or ids[n - 1] == EOS  # EOS is the last masked token
+        assert (ids[n:] == PAD).all() and (r.behavior_logprobs[row, n:] == 0).all()
+        assert not bool((ids[: n - 1] == EOS).any())
+    assert r.num_completion_tokens == int(lengths.sum())
+
+
+def test_seeded_runs_reproduce_and_seeds_differ(qwen):
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    a, b, c = (generate(qwen, PROMPTS, 2, cfg, EOS, PAD, skip=(2,), generator=torch.Generator().manual_seed(s))
+               for s in (1, 1, 2))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.behavior_logprobs, b.behavior_logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def test_top_p_and_top_k_truncate_and_renormalise():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = process_logits(logits, SamplingConfig(top_p=0.7)).exp()
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    p = process_logits(logits, SamplingConfig(top_p=0.8)).exp()  # 0.5+0.3 reaches 0.8 exactly: stop there
+    torch.testing.assert_close(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    p = process_logits(logits, SamplingConfig(top_k=3)).exp()
+    torch.testing.assert_close(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    p = process_logits(logits, SamplingConfig(temperature=0.5)).exp()
+    torch.testing.assert_close(p, torch.softmax(logits * 2, -1))
+
+
+def test_top_p_sampling_never_draws_outside_nucleus(qwen):
+    cfg = SamplingConfig(temperature=1.0, top_p=0.3, max_new_tokens=6)
+    r = generate(qwen, PROMPTS, 4, cfg, None, PAD, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tf = sequence_logprobs(qwen, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0)
+    # the nucleus distribution renormalises: its log-prob is never below the full softmax's
+    assert bool((r.behavior_logprobs >= tf - 1e-5).all())
+
+
+def test_training_mode_restored_and_bad_config_named(qwen):
+    qwen.train()
+    generate(qwen, PROMPTS, 1, greedy(3), None, PAD)
+    assert qwen.training
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(qwen, PROMPTS, 1, SamplingConfig(max_new_tokens=4, min_new_tokens=5), None, PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(qwen, PROMPTS, 1, SamplingConfig(top_p=0.0), None, PAD)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(qwen, [[5], []], 1, greedy(3), None, PAD)
