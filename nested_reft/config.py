@@ -1,0 +1,257 @@
+"""Configuration: dataclasses whose fields carry a one-line doc, a YAML file and command-line flags that
+compose (defaults < YAML < flags), and validation that names every bad value before any work starts.
+
+Choices:
+- A field is declared with `doc(default, "help")`; the same text is the `--help` of its flag, whose
+  spelling is the field name with dashes (`skip_ratio` -> `--skip-ratio`).
+- Flags default to None in argparse so that only flags the user typed override the YAML.
+- Unknown YAML keys are errors (with the closest known key suggested), never silently ignored.
+- Errors are collected, not raised one by one: the user sees every bad field at once.
+"""
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more invalid configuration values; the message lists each field and what is allowed."""
+
+
+def doc(default, help: str, **kwargs):
+    """A dataclass field with a one-line doc (shown by --help)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _base_type(tp):
+    """int for `int | None`, list for `list[float]` ..."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(tp) or tp
+
+
+def _elem_type(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    args = typing.get_args(tp)
+    return args[0] if args else str
+
+
+def add_arguments(parser, cls, skip=()) -> None:
+    """Add one `--field-name` flag per dataclass field (default None: only typed flags override)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        base = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{help_text} (default: {default})"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, default=None, type=_parse_bool, metavar="{true,false}",
+                                help=help_text)
+        elif base is list:
+            parser.add_argument(flag, dest=f.name, default=None, nargs="+", type=_elem_type(hints[f.name]),
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=base if base in (int, float) else str,
+                                help=help_text)
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value, tp):
+    """Check/convert one YAML value to the field's type; raises ConfigError naming the field."""
+    base = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if base is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if base is list:
+            elem = _elem_type(tp)
+            return [elem(v) for v in (value if isinstance(value, list) else [value])]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value}")
+        if base in (int, float, str):
+            if isinstance(value, bool) and base is not str:
+                raise ValueError(f"expected a number, got {value}")
+            return base(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+    return value
+
+
+def resolve(cls, yaml_path=None, overrides: dict | None = None):
+    """Build `cls` from its defaults, then a YAML file, then non-None `overrides` (the typed flags)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = read_yaml(yaml_path) if yaml_path else {}
+    errors = []
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            errors.append(f"unknown field {key!r} in {yaml_path}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    values = {k: v for k, v in values.items() if k in names}
+    values.update({k: v for k, v in (overrides or {}).items() if k in names and v is not None})
+    coerced = {}
+    for key, value in values.items():
+        try:
+            coerced[key] = _coerce(key, value, hints[key])
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cls(**coerced)
+
+
+def check_choice(errors: list, name: str, value, allowed) -> None:
+    if value not in allowed:
+        errors.append(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_range(errors: list, name: str, value, low=None, high=None, low_open=False) -> None:
+    """Append an error unless low <= value <= high (low < value when low_open)."""
+    bad = value is None or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and value is not None and value > high)
+    if bad:
+        lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
+        hi = "" if high is None else f"<= {high}"
+        errors.append(f"{name}={value!r} must be {' and '.join(p for p in (lo, hi) if p)}")
+
+
+def raise_if(errors: list) -> None:
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+MITIGATIONS = ("base", "practical", "retrace")
+IS_LEVELS = ("token", "sequence")
+LOSS_TYPES = ("bnpo", "grpo", "dr_grpo")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The Nested-ReFT RL stage (Algorithm 1, step 2). Defaults follow the paper (SPEC section 2)."""
+
+    model: str = doc("", "model directory or hub id to fine-tune (usually the SFT checkpoint)")
+    dataset: str = doc("gsm8k", "training set: gsm8k, svamp, math12k, toy, a .jsonl path or a hub id")
+    data_dir: str | None = doc(None, "directory in the shared data layout (default: $NESTED_REFT_DATA)")
+    split: str = doc("train", "split of the training set to read")
+    limit: int | None = doc(None, "use only the first N training examples")
+    template: str = doc("auto", "prompt template: auto (chat when the tokenizer has one), chat or plain")
+    output_dir: str = doc("runs/train", "run directory: config, metrics, checkpoints")
+    skip_ratio: float = doc(0.0, "x: fraction of the N layers the behaviour model skips (0 = plain ReFT)")
+    border: int | None = doc(None, "b: the first and last b layers are never skipped (default: 1 if skip_ratio > 0, else 0)")
+    mitigation: str = doc("base", "importance weight h_m: base (rho), practical (1) or retrace (lam*min(1,rho))")
+    lam: float = doc(1.0, "lambda of retrace; must be > 0")
+    is_level: str = doc("token", "importance ratio per token or per sequence (sequence: high variance)")
+    num_generations: int = doc(8, "G completions per prompt (>= 2 for group advantages)")
+    max_new_tokens: int = doc(256, "completion length cap")
+    min_new_tokens: int = doc(256, "EOS suppressed before this many tokens (= max: fixed length, as the paper)")
+    temperature: float = doc(1.0, "rollout sampling temperature T (> 0)")
+    top_p: float = doc(1.0, "rollout nucleus mass")
+    top_k: int = doc(0, "rollout top-k (0 = off)")
+    logprobs: str = doc("sampled", "behaviour log-probs: sampled (recorded while sampling) or recompute")
+    steps: int = doc(99, "S: RL gradient steps")
+    batch_size: int = doc(16, "prompts per step (reached by gradient accumulation)")
+    micro_batch_size: int = doc(4, "prompts per forward/backward pass (gradient accumulation unit)")
+    rollout_batch_size: int = doc(16, "prompts per generation call")
+    lr: float = doc(1e-6, "AdamW learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    lr_scheduler: str = doc("linear", "learning-rate schedule after warm-up: linear, cosine or constant")
+    warmup_ratio: float = doc(0.0, "fraction of the steps spent warming the learning rate up")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm (0 = off)")
+    num_iterations: int = doc(1, "updates per rollout batch; > 1 enables the PPO-clipped surrogate")
+    epsilon: float = doc(0.2, "PPO clip range (used when num_iterations > 1)")
+    beta: float = doc(0.0, "KL coefficient to a frozen reference (0: no reference model is loaded)")
+    loss_type: str = doc("bnpo", "loss aggregation: bnpo, grpo or dr_grpo")
+    scale_rewards: str = doc("group", "advantage scaling: group (divide by group std) or none (Dr. GRPO)")
+    seed: int = doc(0, "seeds data order, skip sets, sampling and initialisation")
+    save_steps: int = doc(50, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = doc(2, "how many step checkpoints to keep")
+    resume: bool = doc(False, "continue from the latest checkpoint in output_dir")
+    report_to: str = doc("none", "extra logging: none, tensorboard or wandb")
+    device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
+    bf16: str = doc("auto", "bfloat16 autocast: auto (on CUDA), true or false")
+    gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
+    progress: bool = doc(True, "show a progress bar")
+    collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
+
+    def __post_init__(self):
+        if self.border is None:
+            self.border = 1 if self.skip_ratio and self.skip_ratio > 0 else 0
+
+    def validate(self) -> None:
+        """Check every field that needs no model or data; raises ConfigError listing all problems."""
+        e: list[str] = []
+        if not self.model:
+            e.append("model is required (a model directory or hub id)")
+        check_range(e, "skip_ratio", self.skip_ratio, 0.0, 0.99)
+        check_range(e, "border", self.border, 0)
+        check_choice(e, "mitigation", self.mitigation, MITIGATIONS)
+        check_range(e, "lam", self.lam, 0.0, low_open=True)
+        check_choice(e, "is_level", self.is_level, IS_LEVELS)
+        check_range(e, "num_generations", self.num_generations, 2)
+        check_range(e, "max_new_tokens", self.max_new_tokens, 1)
+        check_range(e, "min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)
+        check_range(e, "temperature", self.temperature, 0.0, low_open=True)
+        check_range(e, "top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range(e, "top_k", self.top_k, 0)
+        check_choice(e, "logprobs", self.logprobs, ("sampled", "recompute"))
+        check_choice(e, "template", self.template, ("auto", "chat", "plain"))
+        for name in ("steps", "batch_size", "micro_batch_size", "rollout_batch_size", "num_iterations",
+                     "save_steps", "keep_checkpoints", "collective_timeout_s"):
+            check_range(e, name, getattr(self, name), 1)
+        if self.batch_size % max(self.micro_batch_size, 1):
+            e.append(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
+        check_range(e, "lr", self.lr, 0.0, low_open=True)
+        for name in ("weight_decay", "max_grad_norm", "epsilon", "beta", "warmup_ratio"):
+            check_range(e, name, getattr(self, name), 0.0)
+        check_range(e, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_choice(e, "lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant"))
+        check_choice(e, "loss_type", self.loss_type, LOSS_TYPES)
+        check_choice(e, "scale_rewards", self.scale_rewards, ("group", "none"))
+        check_choice(e, "report_to", self.report_to, ("none", "tensorboard", "wandb"))
+        check_choice(e, "bf16", str(self.bf16).lower(), ("auto", "true", "false"))
+        if self.limit is not None:
+            check_range(e, "limit", self.limit, 1)
+        raise_if(e)
