@@ -22,11 +22,177 @@ def _print_json(obj) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="rollout throughput: full vs nested models (measured vs ideal speedup)")
+    p.add_argument("--model", help="model directory or hub id (default: a random-weight --preset)")
+    p.add_argument("--preset", default="tiny-28", help="tiny-28 (CPU), qwen2.5-1.5b, qwen2.5-7b (default: tiny-28)")
+    p.add_argument("--hidden-size", type=int, help="override the preset's width (e.g. a narrow 1.5B on CPU)")
+    p.add_argument("--skip-ratio", type=float, nargs="+", default=[0.05, 0.10, 0.15], help="skip ratios x")
+    p.add_argument("--border", type=int, default=1, help="b: layers protected at each end (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per rollout (default 8)")
+    p.add_argument("--num-generations", type=int, default=4, help="G completions per prompt (default 4)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="fixed completion length (default 64)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--compare-generate", action="store_true", help="also time HF model.generate() (full model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per ratio")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args) -> int:
-    raise UsageError("bench is not wired yet")
+    from nested_reft.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(model=args.model, preset=args.preset, hidden_size=args.hidden_size, ratios=args.skip_ratio,
+                      border=args.border, batch_size=args.batch_size, num_generations=args.num_generations,
+                      prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                      warmup=args.warmup, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      device=args.device, dtype=args.dtype, compare_generate=args.compare_generate)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    progress = None if args.json else (lambda i, n: print(f"round {i}/{n}", file=sys.stderr))
+    try:
+        results = run_bench(cfg, progress)
+    except (ValueError, IndexError, TypeError) as exc:
+        raise UsageError(str(exc)) from exc
+    _print_json(results) if args.json else print(format_table(results))
+    return 0
+
+
+# ---- grade ------------------------------------------------------------------------------------
+
+
+def _add_grade(sub) -> None:
+    p = sub.add_parser("grade", help="score a JSONL of completions against reference answers")
+    p.add_argument("file", help='JSONL, one {"completion", "answer"} object per line (optional "answer_alternatives")')
+    p.add_argument("--output", help='write the records with "extracted" and "reward" added to this JSONL')
+    p.add_argument("--json", action="store_true", help='print {"n", "correct", "accuracy"} as JSON')
+    p.set_defaults(func=_run_grade)
+
+
+def _run_grade(args) -> int:
+    from nested_reft.rewards import grade_file
+
+    try:
+        summary = grade_file(args.file, args.output)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"graded {summary['n']} completions: {summary['correct']} correct, accuracy {summary['accuracy']:.4f}")
+    return 0
+
+
+# ---- toy --------------------------------------------------------------------------------------
+
+
+def _add_toy(sub) -> None:
+    p = sub.add_parser("toy", help="build the embedded toy task: data (train/test JSONL) and a 28-layer Qwen2 model")
+    p.add_argument("--output-dir", required=True, help="writes DIR/model/ and DIR/data/toy/{train,test}.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="seeds problems, tokenizer and weights (default 0)")
+    p.add_argument("--num-train", type=int, default=2000, help="training problems (default 2000)")
+    p.add_argument("--num-test", type=int, default=200, help="test problems (default 200)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_toy)
+
+
+def _run_toy(args) -> int:
+    from nested_reft.synthetic import build_toy
+
+    if args.num_train < 1 or args.num_test < 1:
+        raise UsageError("--num-train and --num-test must be >= 1")
+    try:
+        summary = build_toy(args.output_dir, seed=args.seed, num_train=args.num_train, num_test=args.num_test)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"toy task: {summary['num_train']} train / {summary['num_test']} test problems in {summary['data_dir']}")
+        print(f"model: {summary['num_parameters']:,} parameters, vocab {summary['vocab_size']}, in {summary['model']}")
+    return 0
+
+
+# ---- sft --------------------------------------------------------------------------------------
+
+
+def _add_sft(sub) -> None:
+    p = sub.add_parser("sft", help="SFT warm-up on (prompt, chain-of-thought); writes an HF checkpoint")
+    p.add_argument("--model", help="model directory or hub id")
+    p.add_argument("--dataset", help="data set name under --data-dir, a .jsonl file, or a hub id")
+    p.add_argument("--data-dir", help="data root (default: $NESTED_REFT_DATA)")
+    p.add_argument("--split", help="split to train on (default train)")
+    p.add_argument("--output-dir", help="checkpoint directory (written atomically)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 2)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch (default 8)")
+    p.add_argument("--grad-accum-steps", type=int, help="micro-batches per update (default 1)")
+    p.add_argument("--max-length", type=int, help="prompt + target tokens (default 1024)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt template (default auto)")
+    p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
+    p.add_argument("--limit", type=int, help="use only the first N examples")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_sft)
+
+
+def _run_sft(args) -> int:
+    from dataclasses import fields
+
+    from nested_reft.sft import SFTConfig, run_sft
+
+    given = {f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None}
+    try:
+        summary = run_sft(SFTConfig(**given))
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"sft: {summary['updates']} updates ({summary['skipped_updates']} skipped), loss "
+              f"{summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, {summary['runtime_s']:.1f} s; "
+              f"checkpoint in {summary['output_dir']}")
+    return 0
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    from nested_reft.config import TrainConfig, add_arguments
+
+    p = sub.add_parser("train", help="the Nested-ReFT RL stage (Algorithm 1, step 2)",
+                       description="GRPO with rollouts from a freshly drawn nested model every step. "
+                                   "Flags override the YAML given with --config.")
+    p.add_argument("--config", help="YAML file of TrainConfig fields (flags win)")
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from nested_reft.config import ConfigError, TrainConfig, resolve
+    from nested_reft.trainer import setup, train
+
+    try:
+        cfg = resolve(TrainConfig, args.config, vars(args))
+        run = setup(cfg)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
+        summary = train(cfg, run)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume true", file=sys.stderr)
+        return 130
+    if run.accelerator.is_main_process:
+        _print_json(summary)
+    return 0
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -38,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reinforced fine-tuning with rollouts from layer-skipped nested models (Nested-ReFT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_bench,):
+    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft):
         add(sub)
     return parser
 

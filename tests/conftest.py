@@ -30,3 +30,13 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
 @pytest.fixture
 def qwen():
     return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """The embedded toy task (random-weight 28-layer model + data) written once per test session."""
+    from nested_reft.synthetic import build_toy
+
+    out = tmp_path_factory.mktemp("toy-session")
+    build_toy(out, seed=0, num_train=48, num_test=16)
+    return out

@@ -1,0 +1,258 @@
+"""SFT warm-up (SPEC 2 item 10): cross-entropy on (prompt, chain-of-thought target), prompt masked out.
+
+Choices:
+- Everything is checked before training starts: config values, the data set and every SFT target,
+  the model and tokenizer, and that every prompt fits `max_length`. A bad input writes nothing.
+- One example = prompt tokens (labels -100) + target tokens + EOS; batches are right-padded and the
+  padding is masked too. A target cut by `max_length` is counted in the summary, never dropped.
+- Each micro-batch loss is the token mean (HF's shifted cross-entropy); an update averages
+  `grad_accum_steps` micro-batches, clips the gradient norm to `max_grad_norm`, then AdamW with linear
+  warmup and decay. A non-finite loss or gradient norm skips that update (counted), weights untouched.
+- It runs through `accelerate.Accelerator`: CUDA when present (bf16 autocast there by default), CPU
+  otherwise, and `accelerate launch` shards the examples over processes.
+- The checkpoint (safetensors + tokenizer + sft_summary.json) is written to a temporary sibling
+  directory and renamed into `output_dir`, so a crash never leaves a half-written checkpoint there.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # model directory or hub id (AutoModelForCausalLM)
+    dataset: str = ""  # data set name under data_dir, a .jsonl path, or a hub id
+    data_dir: str | None = None  # shared data layout root; None = $NESTED_REFT_DATA
+    split: str = "train"  # which split of the data set to train on
+    output_dir: str = ""  # where the HF checkpoint and sft_summary.json are written
+    epochs: int = 2  # passes over the data (the paper's E_sft = 2)
+    batch_size: int = 8  # examples per micro-batch (per process)
+    grad_accum_steps: int = 1  # micro-batches per optimizer update
+    lr: float = 1e-5  # peak AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.03  # fraction of updates with linear warmup, then linear decay to 0
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_length: int = 1024  # prompt + target tokens; longer targets are cut (counted)
+    template: str = "auto"  # prompt template: auto (chat if the tokenizer has one), chat, plain
+    seed: int = 0  # shuffling and any random init
+    limit: int | None = None  # use only the first N examples
+    bf16: bool | None = None  # bf16 autocast; None = on when CUDA supports it
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+
+
+def check_config(cfg: SFTConfig) -> None:
+    """Raise ValueError naming the first bad field."""
+    for name in ("model", "dataset", "output_dir"):
+        if not getattr(cfg, name):
+            raise ValueError(f"sft: `{name}` is required")
+    for name in ("epochs", "batch_size", "grad_accum_steps", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"sft: `{name}` must be >= 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"sft: `lr` must be a positive number, got {cfg.lr}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"sft: `warmup_ratio` must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.weight_decay < 0 or cfg.max_grad_norm <= 0:
+        raise ValueError("sft: `weight_decay` must be >= 0 and `max_grad_norm` > 0")
+    if cfg.template not in ("auto", "chat", "plain"):
+        raise ValueError(f"sft: `template` must be auto, chat or plain, got {cfg.template!r}")
+
+
+# ---- examples and batches ---------------------------------------------------------------------
+
+
+def build_example(tokenizer, prompt_ids: list[int], target: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one example: prompt labels are -100, target + EOS are learned."""
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        target_ids = target_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
+    return input_ids, labels
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels); padding is masked in attention and labels."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(items), width), -100, dtype=torch.long)  # [B, L]
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)  # [B, L]
+    for row, (ids, labs) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Shuffled index batches for one epoch; every process gets an equal share of one permutation."""
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=gen).tolist()
+    share = order[rank : (n // world) * world : world] if world > 1 else order
+    return [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+
+
+def prepare(cfg: SFTConfig, tokenizer) -> tuple[list, int]:
+    """Load the data set and tokenize every example; returns (items, number of cut targets)."""
+    examples = load_examples(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit)
+    template = resolve_template(tokenizer, cfg.template)
+    items, truncated = [], 0
+    for ex in examples:
+        prompt_ids = encode_prompt(tokenizer, ex.problem, template)
+        if len(prompt_ids) >= cfg.max_length:
+            raise DataError(f"example {ex.id}: prompt has {len(prompt_ids)} tokens, max_length is {cfg.max_length}")
+        ids, labels = build_example(tokenizer, prompt_ids, sft_target(ex, cfg.dataset), cfg.max_length)
+        truncated += len(ids) == cfg.max_length
+        items.append((ids, labels))
+    return items, truncated
+
+
+# ---- loading and saving -----------------------------------------------------------------------
+
+
+def load_model_and_tokenizer(name: str, dtype=torch.float32):
+    """AutoModelForCausalLM + AutoTokenizer, with a readable error when either does not load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load model '{name}': {exc}") from None
+    return model, tokenizer
+
+
+def save_atomically(model, tokenizer, summary: dict, output_dir: Path) -> None:
+    """save_pretrained into a temporary sibling, then rename it into place (replacing an old one)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if output_dir.exists():
+        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+        output_dir.rename(old)
+        tmp.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(output_dir)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def lr_lambda(num_updates: int, warmup_ratio: float):
+    """Linear warmup over the first `warmup_ratio` of updates, then linear decay to 0."""
+    warmup = int(num_updates * warmup_ratio)
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (num_updates - step) / max(1, num_updates - warmup))
+
+    return scale
+
+
+def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm: float) -> tuple[float, int, bool]:
+    """One optimizer update over micro-batches; returns (mean loss, tokens, applied)."""
+    losses, tokens = [], 0
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            loss = model(**batch).loss  # mean over this micro-batch's target tokens
+            accelerator.backward(loss / len(micro))
+        losses.append(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    loss = torch.stack(losses).mean()
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    bad = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(norm)))], device=loss.device)
+    applied = accelerator.reduce(bad, "sum").item() == 0  # every process agrees
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), tokens, applied
+
+
+def curve(values: list[float], points: int = 50) -> list[float]:
+    """`values` averaged into at most `points` consecutive chunks (for the summary)."""
+    size = max(1, math.ceil(len(values) / points))
+    chunks = [values[i : i + size] for i in range(0, len(values), size)]
+    return [round(sum(c) / len(c), 5) for c in chunks if c]
+
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train, save the checkpoint to `cfg.output_dir`, and return the summary (also sft_summary.json)."""
+    from accelerate import Accelerator
+
+    check_config(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    items, truncated = prepare(cfg, tokenizer)  # every problem must be fine before any work
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if len(items) < world:
+        raise DataError(f"{len(items)} examples cannot be shared by {world} processes")
+    per_epoch = math.ceil(len(epoch_batches(len(items), cfg.batch_size, 0, cfg.seed, rank, world)) / cfg.grad_accum_steps)
+    num_updates = per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(num_updates, cfg.warmup_ratio))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    model.train()
+    losses, tokens, skipped, start = [], 0, 0, time.perf_counter()
+    bar = tqdm(total=num_updates, desc="sft", disable=not accelerator.is_main_process)
+    for epoch in range(cfg.epochs):
+        batches = epoch_batches(len(items), cfg.batch_size, epoch, cfg.seed, rank, world)
+        for u in range(0, len(batches), cfg.grad_accum_steps):
+            micro = [collate([items[i] for i in b], pad_id) for b in batches[u : u + cfg.grad_accum_steps]]
+            micro = [{k: v.to(accelerator.device) for k, v in m.items()} for m in micro]
+            loss, n, applied = train_update(model, accelerator, optimizer, micro, cfg.max_grad_norm)
+            scheduler.step()
+            tokens += n
+            skipped += not applied
+            if applied:
+                losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+    bar.close()
+    runtime = time.perf_counter() - start
+
+    summary = {
+        "config": asdict(cfg),
+        "num_examples": len(items),
+        "truncated_targets": truncated,
+        "updates": num_updates,
+        "skipped_updates": skipped,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_curve": curve(losses),
+        "runtime_s": round(runtime, 3),
+        "tokens": tokens * world,
+        "tokens_per_s": round(tokens * world / max(runtime, 1e-9), 1),
+        "output_dir": str(cfg.output_dir),
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_atomically(accelerator.unwrap_model(model), tokenizer, summary, Path(cfg.output_dir))
+    accelerator.wait_for_everyone()
+    return summary

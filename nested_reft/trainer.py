@@ -1,0 +1,575 @@
+"""The Nested-ReFT RL loop (Algorithm 1, step 2): rollouts from a freshly drawn nested model every step,
+verifiable rewards, group advantages, importance weights h_m, and a GRPO update of the full policy.
+
+Choices:
+- Everything that can fail is checked before any work: the config, the model (loads, has a layer list,
+  U fits the valid layers), the tokenizer, the data set. Nothing is written until all of it passed.
+- Determinism by construction: the prompts of step s and its skip set are pure functions of (seed, s)
+  (data order = one seeded permutation per epoch; skip set from a generator seeded with (seed, s)), and
+  sampling uses a generator seeded with (seed, s, rank). A resumed run therefore repeats exactly the
+  uninterrupted run's prompts, skip sets and rollouts, and every process draws the same skip set.
+- pi_old (the full-depth policy at rollout time) is scored by a teacher-forced pass in every variant,
+  the baseline included, so rho, h and the log-ratio metrics exist for all and the variants pay the same.
+- Loss normalisers (token counts for bnpo, sequence counts for grpo/dr_grpo) are global over the whole
+  step's batch (all micro-batches, all processes), so gradient accumulation and data parallelism give
+  the gradient of the full-batch loss.
+- A non-finite loss or gradient skips the update (counted in `skipped_updates`); weights are checked to
+  be finite before every checkpoint. Checkpoints are written to a temporary directory, then renamed.
+  Ctrl-C saves a checkpoint of the last finished step; SIGKILL loses at most the steps since the last one.
+"""
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from nested_reft.config import ConfigError, TrainConfig, save_yaml
+from nested_reft.data import DataError, encode_prompt, load_examples
+from nested_reft.layer_skip import check_skip_config, sample_skip_set
+from nested_reft.nested import find_layers, num_layers
+from nested_reft.objectives import group_advantages, importance_weights, policy_loss
+from nested_reft.rewards import math_reward
+from nested_reft.rollout import Rollout, SamplingConfig, generate, sequence_logprobs
+
+CHECKPOINTS = "checkpoints"
+
+
+class Prompt(NamedTuple):
+    ids: list[int]  # prompt token ids (template applied)
+    answer: str  # reference answer
+    alternatives: list[str]  # other accepted answers (Minerva)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds once validated and loaded."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module  # the policy (wrapped by accelerate when distributed)
+    tokenizer: object
+    prompts: list[Prompt]
+    ref_model: torch.nn.Module | None
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    num_layers: int
+    out: Path
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def _load_model(name: str, device=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model={name!r} does not load: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"model={name!r}: its tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_prompts(cfg: TrainConfig, tokenizer) -> list[Prompt]:
+    try:
+        examples = load_examples(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit)
+    except DataError as exc:
+        raise ConfigError(f"dataset={cfg.dataset!r}: {exc}") from None
+    if not examples:
+        raise ConfigError(f"dataset={cfg.dataset!r} split={cfg.split!r} has no examples")
+    return [Prompt(encode_prompt(tokenizer, ex.problem, cfg.template), ex.answer,
+                   list((ex.meta or {}).get("answer_alternatives") or [])) for ex in examples]
+
+
+def check_model(cfg: TrainConfig, model) -> int:
+    """N for the model; raises ConfigError when the model cannot be nested as configured."""
+    try:
+        find_layers(model)
+        n = num_layers(model)
+        check_skip_config(n, cfg.skip_ratio, cfg.border)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model={cfg.model!r}: {exc}") from None
+    return n
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Validate everything, load model/data, build optimizer and scheduler. Writes nothing."""
+    cfg.validate()
+    if cfg.report_to == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
+    accelerator = make_accelerator(cfg)
+    model, tokenizer = _load_model(cfg.model)
+    n = check_model(cfg, model)
+    prompts = load_prompts(cfg, tokenizer)
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes")
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model, _ = _load_model(cfg.model)
+        ref_model.requires_grad_(False).eval().to(accelerator.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = make_scheduler(cfg, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(cfg, model, tokenizer, prompts, ref_model, accelerator, optimizer, scheduler, n, Path(cfg.output_dir))
+
+
+def make_accelerator(cfg: TrainConfig):
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available")
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    bf16 = str(cfg.bf16).lower() == "true" or (str(cfg.bf16).lower() == "auto" and not cpu)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[timeout])
+
+
+def make_scheduler(cfg: TrainConfig, optimizer):
+    from transformers import get_scheduler
+
+    warmup = int(math.ceil(cfg.warmup_ratio * cfg.steps))
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
+
+
+# ---- what each step uses: pure functions of (seed, step) ----------------------------------------
+
+
+def step_prompt_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the step's prompts: consecutive slices of one seeded permutation per epoch."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, num_examples)
+        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def step_skip_set(cfg: TrainConfig, n: int, step: int) -> tuple[int, ...]:
+    """The skip set of step `step` (0-based): the same on every process and after a resume."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return sample_skip_set(n, cfg.skip_ratio, cfg.border, g)
+
+
+def sampling_generator(cfg: TrainConfig, step: int, rank: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank + 1)
+
+
+def sampling_config(cfg: TrainConfig) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+                          logprobs=cfg.logprobs)
+
+
+# ---- one RL step --------------------------------------------------------------------------------
+
+
+def local_prompts(run: Run, step: int) -> list[Prompt]:
+    """This process's share of the step's prompts (whole prompts: a prompt's G completions stay here)."""
+    idx = step_prompt_indices(len(run.prompts), run.cfg.batch_size, step, run.cfg.seed)
+    acc = run.accelerator
+    return [run.prompts[i] for i in idx[acc.process_index::acc.num_processes]]
+
+
+def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
+    """Generate G completions per prompt with the nested model, in rollout_batch_size chunks."""
+    cfg, acc = run.cfg, run.accelerator
+    policy = acc.unwrap_model(run.model)
+    gen = sampling_generator(cfg, step, acc.process_index, acc.device)
+    eos = policy.generation_config.eos_token_id or run.tokenizer.eos_token_id
+    parts = []
+    with acc.autocast():
+        for i in range(0, len(prompts), cfg.rollout_batch_size):
+            chunk = [p.ids for p in prompts[i:i + cfg.rollout_batch_size]]
+            parts.append(generate(policy, chunk, cfg.num_generations, sampling_config(cfg), eos,
+                                  run.tokenizer.pad_token_id, skip=skip, generator=gen))
+    return merge_rollouts(parts, run.tokenizer.pad_token_id)
+
+
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Concatenate rollouts row-wise, left-padding prompts and right-padding completions."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(r.prompt_ids.size(1) for r in parts)
+    length = max(r.completion_ids.size(1) for r in parts)
+
+    def pad(t, width, value, left):
+        extra = width - t.size(1)
+        if extra == 0:
+            return t
+        filler = t.new_full((t.size(0), extra), value)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    return Rollout(
+        torch.cat([pad(r.prompt_ids, p, pad_id, True) for r in parts]),
+        torch.cat([pad(r.prompt_mask, p, 0, True) for r in parts]),
+        torch.cat([pad(r.completion_ids, length, pad_id, False) for r in parts]),
+        torch.cat([pad(r.completion_mask, length, 0, False) for r in parts]),
+        torch.cat([pad(r.behavior_logprobs, length, 0.0, False) for r in parts]),
+        parts[0].skip, sum(r.num_prompt_tokens for r in parts), sum(r.num_completion_tokens for r in parts),
+        sum(r.rollout_s for r in parts))
+
+
+def score(run: Run, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+    """Rewards [B*G] of the decoded completions against the references."""
+    g = run.cfg.num_generations
+    texts = run.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask, skip_special_tokens=True)
+    answers = [p.answer for p in prompts for _ in range(g)]
+    alts = [p.alternatives for p in prompts for _ in range(g)]
+    return torch.tensor(math_reward(texts, answers, alts), dtype=torch.float32)
+
+
+def score_logprobs(model, rollout: Rollout, temperature: float, micro_rows: int) -> torch.Tensor:
+    """Teacher-forced full-depth log-probs [B*G, L] without grad (pi_old or the reference)."""
+    with torch.no_grad():
+        return sequence_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                 rollout.completion_mask, temperature, batch_size=micro_rows)
+
+
+def global_sum(acc, value: float) -> float:
+    t = torch.tensor([float(value)], device=acc.device)
+    return float(acc.reduce(t, "sum").item()) if acc.num_processes > 1 else float(value)
+
+
+def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
+    """Weight of a micro-batch's mean loss so that micro-batches sum to the full-batch loss."""
+    if loss_type == "bnpo":
+        return float(mask.sum()) / max(total_tokens, 1.0)
+    return mask.size(0) / total_rows  # grpo and dr_grpo average over sequences
+
+
+def update(run: Run, rollout: Rollout, advantages, old_lp, h, ref_lp) -> tuple[float, float, bool, dict]:
+    """num_iterations optimizer updates on one rollout batch; returns (loss, grad_norm, applied, metrics)."""
+    cfg, acc = run.cfg, run.accelerator
+    rows = cfg.micro_batch_size * cfg.num_generations
+    world = acc.num_processes
+    total_tokens = global_sum(acc, rollout.completion_mask.sum())
+    total_rows = global_sum(acc, rollout.completion_ids.size(0))
+    losses, applied_all, norm, extra = [], True, 0.0, {}
+    for _ in range(cfg.num_iterations):
+        starts = list(range(0, rollout.completion_ids.size(0), rows))
+        for k, i in enumerate(starts):
+            sl = slice(i, i + rows)
+            with (nullcontext() if k == len(starts) - 1 else acc.no_sync(run.model)), acc.autocast():
+                lp = sequence_logprobs(run.model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
+                                       rollout.completion_ids[sl], rollout.completion_mask[sl], cfg.temperature)
+                loss, extra = policy_loss(lp, old_lp[sl] if cfg.num_iterations > 1 else None, advantages[sl], h[sl],
+                                          rollout.completion_mask[sl], cfg.loss_type, cfg.max_new_tokens,
+                                          cfg.epsilon, None, None if ref_lp is None else ref_lp[sl], cfg.beta)
+                scaled = loss * loss_scale(cfg.loss_type, rollout.completion_mask[sl], total_tokens, total_rows)
+                acc.backward(scaled * world)  # DDP averages over processes; undo it to get the global sum
+            losses.append(scaled.detach())
+        norm, applied = finish_update(run)
+        applied_all = applied_all and applied
+    loss = global_sum(acc, torch.stack(losses).sum()) / cfg.num_iterations
+    return loss, norm, applied_all, extra
+
+
+def finish_update(run: Run) -> tuple[float, bool]:
+    """Clip, then step only if loss and gradient are finite on every process; always zero the grads."""
+    cfg, acc = run.cfg, run.accelerator
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
+    norm = float(norm) if norm is not None else 0.0
+    bad = global_sum(acc, 0.0 if math.isfinite(norm) else 1.0)
+    if bad == 0:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return norm, bad == 0
+
+
+def rl_step(run: Run, step: int) -> dict:
+    """Algorithm 1, lines 7-15, for step `step` (0-based); returns the metrics line."""
+    cfg, acc = run.cfg, run.accelerator
+    t0 = time.perf_counter()
+    prompts = local_prompts(run, step)
+    skip = step_skip_set(cfg, run.num_layers, step)
+    rollout = do_rollouts(run, prompts, skip, step)
+    rewards = score(run, prompts, rollout)
+    advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
+    t1 = time.perf_counter()
+    micro_rows = cfg.micro_batch_size * cfg.num_generations
+    with acc.autocast():
+        old_lp = score_logprobs(acc.unwrap_model(run.model), rollout, cfg.temperature, micro_rows)
+        ref_lp = None if run.ref_model is None else score_logprobs(run.ref_model, rollout, cfg.temperature, micro_rows)
+    h, hm = importance_weights(old_lp, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
+                               cfg.lam, cfg.is_level)
+    run.model.train()
+    loss, norm, applied, extra = update(run, rollout, advantages, old_lp, h, ref_lp)
+    run.scheduler.step()
+    t2 = time.perf_counter()
+    return step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra,
+                        rollout_s=rollout.rollout_s, update_s=t2 - t1, step_s=t2 - t0)
+
+
+def gather_rows(acc, values: list[float]) -> torch.Tensor:
+    """Local scalars [k] from every process as [world, k] (just [1, k] on one process)."""
+    t = torch.tensor([values], dtype=torch.float64, device=acc.device)
+    return acc.gather(t).cpu() if acc.num_processes > 1 else t.cpu()
+
+
+def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra, rollout_s, update_s, step_s):
+    """The metrics.jsonl line of one step, reduced over processes (each holds an equal share)."""
+    acc = run.accelerator
+    local = [rollout.num_completion_tokens, rollout.num_prompt_tokens, rollout.completion_ids.size(0),
+             hm["h_mean"], hm["h_min"], hm["h_max"], hm["h_truncated_frac"], hm["log_ratio_mean"],
+             extra.get("clip_frac", 0.0), rollout_s]
+    rows = gather_rows(acc, local)  # [world, 10]
+    gen_tokens, prompt_tokens, seqs = (float(rows[:, i].sum()) for i in range(3))
+    all_rewards = acc.gather(rewards.to(acc.device)).cpu() if acc.num_processes > 1 else rewards
+    tokens = prompt_tokens + gen_tokens
+    rollout_s = float(rows[:, 9].max())
+    return {
+        "step": step + 1,
+        "reward_mean": float(all_rewards.mean()),
+        "reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
+        "loss": loss if math.isfinite(loss) else None,
+        "skip_set": list(skip),
+        "num_skipped": len(skip),
+        "h_mean": float(rows[:, 3].mean()),
+        "h_min": float(rows[:, 4].min()),
+        "h_max": float(rows[:, 5].max()),
+        "h_truncated_frac": float(rows[:, 6].mean()),
+        "log_ratio_mean": float(rows[:, 7].mean()),
+        "tokens_generated": int(gen_tokens),
+        "tokens_processed": int(tokens),
+        "completion_len_mean": gen_tokens / seqs,
+        "rollout_s": rollout_s,
+        "update_s": update_s,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": norm if math.isfinite(norm) else None,
+        "skipped_update": not applied,
+        "clip_frac": float(rows[:, 8].mean()),
+    }
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:06d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
+    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def weights_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def save_checkpoint(run: Run, step: int, state: dict) -> Path | None:
+    """Atomically write model (safetensors), tokenizer, optimizer, scheduler and trainer state (rank 0)."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    final = checkpoint_dir(run.out, step)
+    if acc.is_main_process:
+        policy = acc.unwrap_model(run.model)
+        if not weights_finite(policy):
+            raise RuntimeError(f"refusing to checkpoint step {step}: the weights are not finite")
+        tmp = final.parent / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(run.out, run.cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: Run, path: Path) -> dict:
+    """Restore weights, optimizer and scheduler from `path`; returns its trainer state."""
+    from safetensors.torch import load_file
+
+    policy = run.accelerator.unwrap_model(run.model)
+    state_dict = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state_dict.update(load_file(shard))
+    missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(policy)]
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied.keys() if isinstance(tied, dict) else tied)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process: one flushed line per step; truncated to `step` on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            lines = path.read_text().splitlines() if (resume_step and path.exists()) else []
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, metrics: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
+    """A `log(metrics, step)` callable for TensorBoard / W&B, or None."""
+    if not enabled or cfg.report_to == "none":
+        return None
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda m, s: [writer.add_scalar(k, v, s) for k, v in m.items() if isinstance(v, (int, float))]
+    import wandb
+
+    wandb.init(project="nested-reft", dir=str(out), config=vars(cfg))
+    return lambda m, s: wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=s)
+
+
+def prepare_output(run: Run) -> tuple[int, dict]:
+    """Create the run directory (or resume it); returns (first step, accumulated state)."""
+    cfg, out = run.cfg, run.out
+    state = {"runtime_s": 0.0, "tokens_processed": 0, "tokens_generated": 0, "rollout_s": 0.0,
+             "skipped_updates": 0, "rewards": []}
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and ckpt is None and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"resume: {out} has metrics but no complete checkpoint to resume from")
+    if not cfg.resume and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"output_dir={str(out)!r} already holds a run; pass --resume true or choose another")
+    if run.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+    run.accelerator.wait_for_everyone()
+    if ckpt is None:
+        return 0, state
+    state.update(load_checkpoint(run, ckpt))
+    return int(state["step"]), state
+
+
+def train(cfg: TrainConfig, run: Run | None = None) -> dict:
+    """Run the RL stage; returns the summary (also written to summary.json)."""
+    run = run or setup(cfg)
+    acc = run.accelerator
+    start_step, state = prepare_output(run)
+    log = MetricsLog(run.out / "metrics.jsonl", acc.is_main_process, start_step)
+    tracker = make_tracker(cfg, run.out, acc.is_main_process)
+    bar = _progress(cfg, acc, start_step)
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            metrics = rl_step(run, step)
+            _accumulate(state, metrics)
+            log.write(metrics)
+            if tracker:
+                tracker(metrics, step + 1)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", skip=len(metrics["skip_set"]))
+            if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
+                save_checkpoint(run, step + 1, state)
+        step = cfg.steps
+    except KeyboardInterrupt:
+        done = len(state["rewards"])  # steps finished, resumed ones included
+        if acc.is_main_process:
+            print(f"\ninterrupted: saving a checkpoint of step {done} to resume from", flush=True)
+        save_checkpoint(run, done, state)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    save_checkpoint(run, cfg.steps, state)
+    return finish(run, state)
+
+
+def _accumulate(state: dict, m: dict) -> None:
+    state["runtime_s"] += m["step_s"]
+    state["tokens_processed"] += m["tokens_processed"]
+    state["tokens_generated"] += m["tokens_generated"]
+    state["rollout_s"] += m["rollout_s"]
+    state["skipped_updates"] += int(m["skipped_update"])
+    state["rewards"].append(m["reward_mean"])
+
+
+def _progress(cfg: TrainConfig, acc, start: int):
+    if not (cfg.progress and acc.is_main_process):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="RL steps", unit="step", dynamic_ncols=True)
+
+
+def finish(run: Run, state: dict) -> dict:
+    """Write the final HF checkpoint (output_dir/final) and summary.json."""
+    acc, cfg = run.accelerator, run.cfg
+    rewards = state["rewards"]
+    tail = rewards[-max(1, len(rewards) // 10):]
+    summary = {
+        "steps": cfg.steps,
+        "runtime_s": state["runtime_s"],
+        "tokens_processed": state["tokens_processed"],
+        "tokens_generated": state["tokens_generated"],
+        "token_speed": state["tokens_processed"] / max(state["runtime_s"], 1e-9),
+        "rollout_tokens_per_s": state["tokens_generated"] / max(state["rollout_s"], 1e-9),
+        "rollout_s": state["rollout_s"],
+        "final_reward": sum(tail) / len(tail),
+        "first_reward": rewards[0] if rewards else None,
+        "skipped_updates": state["skipped_updates"],
+        "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
+        "num_layers": run.num_layers, "num_processes": acc.num_processes,
+        "final_checkpoint": str(run.out / "final"),
+    }
+    if acc.is_main_process:
+        final = run.out / "final"
+        tmp = run.out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(run.model).save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    acc.wait_for_everyone()
+    return summary

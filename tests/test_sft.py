@@ -1,0 +1,143 @@
+"""sft.py: label masking, batching, a short run on a tiny toy, and validation before any write."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nested_reft import cli, synthetic
+from nested_reft.data import DataError, encode_prompt, load_examples, sft_target
+from nested_reft.sft import SFTConfig, build_example, collate, epoch_batches, run_sft, train_update
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    synthetic.build_toy(out, seed=0, num_train=8, num_test=2)
+    return out
+
+
+def config(toy, out, **kw) -> SFTConfig:
+    base = dict(model=str(toy / "model"), dataset="toy", data_dir=str(toy / "data"), output_dir=str(out))
+    base.update(epochs=1, batch_size=4, lr=3e-3, warmup_ratio=0.0, max_length=128)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def batch_loss(model_dir, toy) -> float:
+    """Mean loss of a model over all 8 training examples, as one batch."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    items = []
+    for ex in load_examples("toy", "train", toy / "data"):
+        items.append(build_example(tok, encode_prompt(tok, ex.problem), sft_target(ex, "toy"), 128))
+    with torch.no_grad():
+        return model(**collate(items, tok.pad_token_id)).loss.item()
+
+
+def test_prompt_tokens_are_masked(toy):
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    prompt = encode_prompt(tok, "Ava has 3 apples. She finds 2 more. How many apples does Ava have now?")
+    ids, labels = build_example(tok, prompt, "3 + 2 = 5. The answer is \\boxed{5}.", max_length=128)
+    target = tok("3 + 2 = 5. The answer is \\boxed{5}.", add_special_tokens=False)["input_ids"]
+    assert ids == prompt + target + [tok.eos_token_id]
+    assert labels == [-100] * len(prompt) + target + [tok.eos_token_id]
+    cut_ids, cut_labels = build_example(tok, prompt, "3 + 2 = 5.", max_length=len(prompt) + 2)
+    assert cut_ids == prompt + target[:2] and cut_labels[-2:] == target[:2]
+
+
+def test_collate_pads_and_masks():
+    batch = collate([([5, 6, 7], [-100, 6, 7]), ([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_epoch_batches_are_seeded_and_sharded():
+    assert epoch_batches(10, 4, epoch=0, seed=1) == epoch_batches(10, 4, epoch=0, seed=1)
+    assert epoch_batches(10, 4, epoch=0, seed=1) != epoch_batches(10, 4, epoch=1, seed=1)
+    assert sorted(i for b in epoch_batches(10, 4, 0, 1) for i in b) == list(range(10))
+    shards = [sum(epoch_batches(11, 2, 0, 1, rank=r, world=3), []) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3] and len(set(sum(shards, []))) == 9
+
+
+def test_short_run_trains_and_writes_checkpoint(toy, tmp_path):
+    out = tmp_path / "sft"
+    before = batch_loss(toy / "model", toy)
+    summary = run_sft(config(toy, out))
+    assert summary["updates"] == 2 and summary["skipped_updates"] == 0 and summary["num_examples"] == 8
+    assert summary["tokens"] > 0 and summary["truncated_targets"] == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "sft_summary.json").read_text())["updates"] == 2
+    assert batch_loss(out, toy) < before
+    old = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
+    new = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert old.keys() == new.keys() and any(not torch.equal(old[k], new[k]) for k in old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # no temporary sibling left behind
+    run_sft(config(toy, out, lr=1e-4))  # a rerun replaces the checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
+
+
+def test_missing_dataset_fails_before_writing(toy, tmp_path):
+    out = tmp_path / "sft"
+    with pytest.raises(DataError, match="unknown data set 'nope'"):
+        run_sft(config(toy, out, dataset="nope"))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("epochs", 0, "epochs"), ("lr", -1.0, "lr"), ("template", "fancy", "template"), ("model", "", "model")],
+)
+def test_bad_config_fails_before_writing(toy, tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        run_sft(config(toy, tmp_path / "sft", **{field: value}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_is_a_clear_error(toy, tmp_path):
+    with pytest.raises(ValueError, match="cannot load model"):
+        run_sft(config(toy, tmp_path / "sft", model=str(tmp_path / "no-model")))
+
+
+class NaNLoss(torch.nn.Module):
+    """A model whose loss is NaN (its gradients too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def forward(self, x, attention_mask):
+        return SimpleNamespace(loss=self.layer(x).sum() * float("nan"))
+
+
+def test_non_finite_loss_skips_the_update():
+    model = NaNLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    micro = [{"x": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)}]
+    loss, tokens, applied = train_update(model, Accelerator(cpu=True), optimizer, micro, 1.0)
+    assert not applied and tokens == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_cli_toy_and_sft(tmp_path, capsys):
+    assert cli.main(["toy", "--output-dir", str(tmp_path / "toy"), "--num-train", "8", "--num-test", "2", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["num_train"] == 8 and (tmp_path / "toy" / "model" / "config.json").is_file()
+    args = ["sft", "--model", built["model"], "--dataset", "toy", "--data-dir", built["data_dir"]]
+    args += ["--output-dir", str(tmp_path / "sft"), "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--json"]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["updates"] == 1
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_cli_sft_bad_input_exits_2(tmp_path, capsys):
+    args = ["sft", "--model", str(tmp_path), "--dataset", "nope", "--data-dir", str(tmp_path)]
+    assert cli.main(args + ["--output-dir", str(tmp_path / "out")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

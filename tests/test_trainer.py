@@ -1,0 +1,178 @@
+import json
+import math
+
+import pytest
+import torch
+
+from nested_reft import trainer
+from nested_reft.config import ConfigError, TrainConfig
+from nested_reft.rollout import sequence_logprobs
+
+
+def small_cfg(toy_dir, out, **kw):
+    base = dict(model=str(toy_dir / "model"), dataset="toy", data_dir=str(toy_dir / "data"), output_dir=str(out),
+                steps=2, batch_size=4, micro_batch_size=2, rollout_batch_size=4, num_generations=4,
+                max_new_tokens=8, min_new_tokens=8, lr=1e-3, save_steps=1, progress=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def alternating_rewards(monkeypatch):
+    """Rewards 1,0,1,0,... so every group has non-zero advantages (an untrained model scores 0)."""
+    monkeypatch.setattr(trainer, "math_reward", lambda texts, answers, alts: [float(i % 2 == 0) for i in range(len(texts))])
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def test_one_rl_step_changes_the_parameters(toy_dir, tmp_path, alternating_rewards):
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15, mitigation="retrace"))
+    before = params(run.model)
+    m = trainer.rl_step(run, 0)
+    after = params(run.model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert m["num_skipped"] == 4 and all(1 <= i <= 26 for i in m["skip_set"])
+    assert m["tokens_generated"] == 4 * 4 * 8 and m["h_max"] <= 1.0 + 1e-6 and not m["skipped_update"]
+
+
+def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, alternating_rewards):
+    """x = 0, b = 0, m = base: h = 1 to rounding and the accumulated gradient equals plain GRPO's,
+    computed here independently on the whole batch in one pass."""
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", min_new_tokens=0, max_grad_norm=0.0))  # no clipping
+    cfg = run.cfg
+    prompts = trainer.local_prompts(run, 0)
+    rollout = trainer.do_rollouts(run, prompts, (), 0)
+    rewards = trainer.score(run, prompts, rollout)
+    old = trainer.score_logprobs(run.model, rollout, 1.0, 8)
+    h, hm = trainer.importance_weights(old, rollout.behavior_logprobs, rollout.completion_mask, "base")
+    mask = rollout.completion_mask
+    assert torch.allclose(h[mask.bool()], torch.ones(int(mask.sum())), atol=1e-4)
+    assert abs(hm["log_ratio_mean"]) < 1e-5
+    adv = trainer.group_advantages(rewards, cfg.num_generations)
+    # reference: -(1/T) sum_l A_i log pi(y_l) over all completion tokens of the batch
+    run.model.zero_grad()
+    lp = sequence_logprobs(run.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask)
+    (-(adv[:, None] * lp * mask).sum() / mask.sum()).backward()
+    ref = {k: p.grad.clone() for k, p in run.model.named_parameters() if p.grad is not None}
+    run.model.zero_grad()
+    run.optimizer.step = lambda *a, **k: None  # keep the accumulated gradient for inspection
+    run.optimizer.zero_grad = lambda *a, **k: None
+    trainer.update(run, rollout, adv, old, h, None)
+    for k, g in ref.items():
+        torch.testing.assert_close(dict(run.model.named_parameters())[k].grad, g, rtol=1e-3, atol=1e-6)
+
+
+def test_non_finite_loss_skips_the_update(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.1))
+    real = trainer.policy_loss
+    monkeypatch.setattr(trainer, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    before = params(run.model)
+    m = trainer.rl_step(run, 0)
+    assert m["skipped_update"] and m["loss"] is None
+    assert all(torch.equal(before[k], v) for k, v in params(run.model).items())
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the loop dies without saving."""
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    kw = dict(steps=4, save_steps=2, skip_ratio=0.15, mitigation="base")
+    full = trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    real = trainer.rl_step
+
+    def dies_at_step_3(run, step):
+        if step == 2:
+            raise Killed()
+        return real(run, step)
+
+    monkeypatch.setattr(trainer, "rl_step", dies_at_step_3)
+    with pytest.raises(Killed):
+        trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
+    assert trainer.latest_checkpoint(tmp_path / "cut").name == "step-000002"
+    monkeypatch.setattr(trainer, "rl_step", real)
+    resumed = trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["skip_set"] for m in a] == [m["skip_set"] for m in b]
+    for x, y in zip(a, b):
+        for key in ("reward_mean", "loss", "h_mean", "log_ratio_mean", "tokens_generated"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-5, abs_tol=1e-7), key
+    assert full["tokens_processed"] == resumed["tokens_processed"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "full/final/model.safetensors"), load_file(tmp_path / "cut/final/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_ctrl_c_saves_a_checkpoint(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    real = trainer.rl_step
+
+    def interrupted(run, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(run, step)
+
+    monkeypatch.setattr(trainer, "rl_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(small_cfg(toy_dir, tmp_path / "r", steps=3, save_steps=10))
+    assert trainer.latest_checkpoint(tmp_path / "r").name == "step-000001"
+
+
+def test_run_directory_contents(toy_dir, tmp_path):
+    out = tmp_path / "r"
+    summary = trainer.train(small_cfg(toy_dir, out, skip_ratio=0.05))
+    metrics = read_metrics(out)
+    required = {"step", "reward_mean", "reward_std", "loss", "skip_set", "num_skipped", "h_mean", "h_min", "h_max",
+                "h_truncated_frac", "log_ratio_mean", "tokens_generated", "tokens_processed", "rollout_s",
+                "update_s", "step_s", "tokens_per_s"}
+    assert len(metrics) == 2 and required <= set(metrics[0])
+    assert summary["token_speed"] == pytest.approx(summary["tokens_processed"] / summary["runtime_s"])
+    assert (out / "config.yaml").is_file() and (out / "final/model.safetensors").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(skip_ratio=0.9, border=13), "valid layers"),
+    (dict(num_generations=1), "num_generations"),
+    (dict(mitigation="clip"), "mitigation='clip' is not one of base, practical, retrace"),
+    (dict(lam=0.0), "lam"),
+    (dict(dataset="nope"), "dataset='nope'"),
+    (dict(loss_type="x", top_p=2.0), "top_p"),
+])
+def test_bad_configs_fail_before_anything_is_written(toy_dir, tmp_path, kw, field):
+    out = tmp_path / "r"
+    with pytest.raises(ConfigError, match=field):
+        trainer.setup(small_cfg(toy_dir, out, **kw))
+    assert not out.exists()
+
+
+def test_model_without_layer_list_is_rejected(tmp_path, toy_dir):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    (toy_dir / "model" / "tokenizer.json").is_file()
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_dir / "model" / f, tmp_path / "mamba" / f)
+    with pytest.raises(ConfigError, match="MambaForCausalLM has no recognisable transformer layer list"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", model=str(tmp_path / "mamba"), skip_ratio=0.1))
+
+
+def test_step_data_and_skip_sets_are_pure_functions_of_seed_and_step():
+    cfg = TrainConfig(model="m", skip_ratio=0.1, seed=3)
+    assert [trainer.step_skip_set(cfg, 28, s) for s in range(5)] == [trainer.step_skip_set(cfg, 28, s) for s in range(5)]
+    idx = [i for s in range(5) for i in trainer.step_prompt_indices(10, 4, s, 3)]
+    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # epochs cover the data
