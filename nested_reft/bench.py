@@ -194,7 +194,7 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"| {r['ratio']:.2f} | {r['skipped']}/{r['num_layers']} | {r['ideal_speedup']:.3f} | "
                      f"{r['measured_speedup']:.3f} | {r['efficiency']:.3f} | {r['full_tokens_per_s']:.1f} | "
                      f"{r['nested_tokens_per_s']:.1f} |")
-    if results and "generate" in str(results[0].keys()):
+    if results and "engine_vs_generate" in results[0]:
         r = results[0]
         lines.append(f"\nengine vs HF generate() on the full model: {r['engine_vs_generate']:.3f}x "
                      f"({r['full_tokens_per_s']:.1f} vs {r['generate_tokens_per_s']:.1f} tok/s)")
