@@ -176,3 +176,36 @@ def test_step_data_and_skip_sets_are_pure_functions_of_seed_and_step():
     assert [trainer.step_skip_set(cfg, 28, s) for s in range(5)] == [trainer.step_skip_set(cfg, 28, s) for s in range(5)]
     idx = [i for s in range(5) for i in trainer.step_prompt_indices(10, 4, s, 3)]
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # epochs cover the data
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_with_the_same_skip_sets(toy_dir, tmp_path):
+    """A real `kill -9` of the CLI process: at most the steps after the last checkpoint are lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    argv = [sys.executable, "-m", "nested_reft", "train", "--model", str(toy_dir / "model"), "--dataset", "toy",
+            "--data-dir", str(toy_dir / "data"), "--output-dir", str(out), "--steps", "6", "--batch-size", "2",
+            "--micro-batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4", "--min-new-tokens", "4",
+            "--skip-ratio", "0.1", "--save-steps", "1", "--progress", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and trainer.latest_checkpoint(out) is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = trainer.latest_checkpoint(out)
+    assert ckpt is not None
+    done = int(ckpt.name.split("-")[1])
+    subprocess.run(argv + ["--resume", "true"], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    cfg = TrainConfig(model="m", skip_ratio=0.1, seed=0)
+    assert [m["skip_set"] for m in metrics] == [list(trainer.step_skip_set(cfg, 28, s)) for s in range(6)]
+    assert done >= 1 and (out / "final/model.safetensors").is_file()
