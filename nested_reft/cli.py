@@ -176,7 +176,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from nested_reft.config import ConfigError, TrainConfig, resolve
-    from nested_reft.trainer import setup, train
+    from nested_reft.trainer import CollectiveError, setup, train
 
     try:
         cfg = resolve(TrainConfig, args.config, vars(args))
@@ -187,11 +187,59 @@ def _run_train(args) -> int:
         summary = train(cfg, run)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+    except CollectiveError as exc:  # another process died or stalled: say so, exit 1 (not a usage error)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume true", file=sys.stderr)
         return 130
     if run.accelerator.is_main_process:
         _print_json(summary)
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pass@k on math benchmarks (per benchmark and the unweighted mean)")
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--benchmarks", nargs="+", help="names under --data-dir or .jsonl files "
+                   "(default: aime24 amc math500 minerva olympiadbench)")
+    p.add_argument("--data-dir", help="data root (default: $NESTED_REFT_DATA)")
+    p.add_argument("--split", help="split of every benchmark (default test)")
+    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
+    p.add_argument("--k", type=int, help="pass@k (default 1)")
+    p.add_argument("--num-samples", type=int, help="n >= k completions per problem, unbiased pass@k (default k)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, help="completion budget, capped to the model's context (default 32768)")
+    p.add_argument("--batch-size", type=int, help="prompts per generation call (default 8)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt template (default auto)")
+    p.add_argument("--output-dir", help="write samples.jsonl and summary.json here")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto (bf16 on CUDA)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from dataclasses import fields
+
+    from nested_reft.evaluate import EvalConfig, format_table, run_eval
+
+    given = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
+    try:
+        summary = run_eval(EvalConfig(**given))
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_table(summary))
+        if "summary_file" in summary:
+            print(f"samples in {summary['samples_file']}, summary in {summary['summary_file']}")
     return 0
 
 
@@ -204,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reinforced fine-tuning with rollouts from layer-skipped nested models (Nested-ReFT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft):
+    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft, _add_eval):
         add(sub)
     return parser
 

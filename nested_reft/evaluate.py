@@ -1,0 +1,249 @@
+"""pass@k evaluation on math benchmarks (SPEC 2 item 12): accuracy per benchmark and their unweighted mean.
+
+Choices:
+- Sampling as in the paper: temperature 0.6, top-p 0.95, up to 32768 new tokens, through the project's own
+  KV-cached sampler (`rollout.generate`, full model, no skipped layers); temperature 0 is greedy.
+- n = `num_samples` completions per problem (default n = k); pass@k per problem is the unbiased estimator
+  1 - C(n-c, k) / C(n, k) with c correct samples, and a benchmark's accuracy is its mean over problems.
+  With k = 1 this is the mean reward.
+- The completion budget is capped per benchmark so that its longest prompt + completion fits the model's
+  `max_position_embeddings` (a warning says so); a prompt that does not fit at all is an error.
+- Prompts are sorted by length within a benchmark before batching (less padding); every output is put
+  back in the data set's order. One sampling generator per benchmark, seeded with `seed`, so a
+  benchmark's samples do not depend on which other benchmarks run with it.
+- Reward = `rewards.math_reward` (Minerva's `meta.answer_alternatives` count as references too).
+- Everything is checked before generation starts (config, data, template, context); outputs
+  (`samples.jsonl`, `summary.json`) are written at the end, each to a temporary file then renamed.
+"""
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nested_reft.data import Example, encode_prompt, load_examples, resolve_template
+from nested_reft.rewards import extract_answer, math_reward
+from nested_reft.rollout import SamplingConfig, generate
+
+PAPER_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # model directory or hub id (only run_eval loads it; evaluate() takes a model)
+    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))  # names, or .jsonl paths
+    data_dir: str | None = None  # shared data layout root; None = $NESTED_REFT_DATA
+    split: str = "test"  # split of every benchmark
+    limit: int | None = None  # only the first N problems of each benchmark
+    k: int = 1  # pass@k
+    num_samples: int | None = None  # n completions per problem (n >= k); None = k
+    temperature: float = 0.6  # sampling temperature; 0 = greedy
+    top_p: float = 0.95  # nucleus sampling mass
+    max_new_tokens: int = 32768  # completion budget (capped to the model's context)
+    batch_size: int = 8  # prompts per generation call (each with n completions)
+    seed: int = 0  # seeds the sampling generator of every benchmark
+    template: str = "auto"  # prompt template: auto (chat if the tokenizer has one), chat, plain
+    output_dir: str | None = None  # writes samples.jsonl and summary.json here; None = write nothing
+    device: str = "auto"  # run_eval only: auto, cpu, cuda
+    dtype: str = "auto"  # run_eval only: auto (bf16 on CUDA), float32, bfloat16, float16
+    progress: bool = True  # tqdm bar over problems (stderr)
+
+    @property
+    def n(self) -> int:
+        return self.num_samples if self.num_samples is not None else self.k
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Raise ValueError naming the first bad field."""
+    if cfg.k < 1:
+        raise ValueError(f"eval: `k` must be >= 1, got {cfg.k}")
+    if cfg.n < cfg.k:
+        raise ValueError(f"eval: `num_samples` must be >= k={cfg.k}, got {cfg.num_samples}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"eval: `{name}` must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ValueError(f"eval: `limit` must be >= 1, got {cfg.limit}")
+    if not cfg.benchmarks:
+        raise ValueError("eval: name at least one benchmark")
+    if len(set(cfg.benchmarks)) != len(cfg.benchmarks):
+        raise ValueError(f"eval: benchmark named twice in {cfg.benchmarks}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"eval: `dtype` must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.template not in ("auto", "chat", "plain"):
+        raise ValueError(f"eval: `template` must be auto, chat or plain, got {cfg.template!r}")
+    sampling_config(cfg, cfg.max_new_tokens).validate()  # temperature, top_p
+    if cfg.output_dir is not None and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ValueError(f"eval: output_dir {cfg.output_dir} exists and is not a directory")
+
+
+def sampling_config(cfg: EvalConfig, max_new_tokens: int) -> SamplingConfig:
+    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new_tokens)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def load_benchmarks(cfg: EvalConfig) -> dict[str, list[Example]]:
+    """Every benchmark's examples (raises DataError naming the bad one)."""
+    return {name: load_examples(name, cfg.split, cfg.data_dir, cfg.limit) for name in cfg.benchmarks}
+
+
+# ---- generation -------------------------------------------------------------------------------
+
+
+def context_length(model) -> int | None:
+    """The model's max_position_embeddings, if its config has one."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+def token_budget(model, name: str, prompts: list[list[int]], examples: list[Example], max_new_tokens: int) -> int:
+    """max_new_tokens, capped so the benchmark's longest prompt + completion fits the context (warns)."""
+    context = context_length(model)
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if context is None or len(prompts[longest]) + max_new_tokens <= context:
+        return max_new_tokens
+    budget = context - len(prompts[longest])
+    if budget < 1:
+        raise ValueError(f"{name}: problem {examples[longest].id} has a {len(prompts[longest])}-token prompt, "
+                         f"which does not fit the model's context of {context} tokens")
+    warnings.warn(f"{name}: max_new_tokens capped from {max_new_tokens} to {budget} so that the longest "
+                  f"prompt ({len(prompts[longest])} tokens) + completion fits max_position_embeddings={context}",
+                  stacklevel=2)
+    return budget
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """End-of-sequence ids: the generation config's (may be a list) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, budget: int,
+                       bar=None) -> list[list[tuple[str, int]]]:
+    """n (text, num_tokens) completions per prompt, batched over length-sorted prompts, in input order."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    eos = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: ties keep data order
+    out: list[list[tuple[str, int]]] = [[] for _ in prompts]
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start:start + cfg.batch_size]
+        roll = generate(model, [prompts[i] for i in chunk], cfg.n, sampling_config(cfg, budget),
+                        eos, pad, generator=generator)  # rows [B*n, L], prompt-major
+        for row, (ids, mask) in enumerate(zip(roll.completion_ids.tolist(), roll.completion_mask.tolist())):
+            tokens = [t for t, m in zip(ids, mask) if m]  # up to and including EOS
+            out[chunk[row // cfg.n]].append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
+
+
+# ---- scoring ----------------------------------------------------------------------------------
+
+
+def score_benchmark(name: str, examples: list[Example], completions, k: int) -> tuple[list[dict], float]:
+    """Per-sample records (data order, then sample order) and the benchmark's mean pass@k."""
+    records, scores = [], []
+    for index, (ex, samples) in enumerate(zip(examples, completions)):
+        texts = [text for text, _ in samples]
+        alternatives = [str(a) for a in ex.meta.get("answer_alternatives") or []]
+        rewards = math_reward(texts, [ex.answer] * len(texts), [alternatives] * len(texts))
+        scores.append(pass_at_k(len(texts), int(sum(rewards)), k))
+        for s, ((text, num_tokens), reward) in enumerate(zip(samples, rewards)):
+            records.append({"benchmark": name, "id": ex.id, "problem_index": index, "sample_index": s,
+                            "completion": text, "extracted": extract_answer(text), "reference": ex.answer,
+                            "reward": reward, "num_tokens": num_tokens})
+    return records, sum(scores) / len(scores)
+
+
+def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalConfig) -> dict:
+    """pass@k of an already loaded model on each benchmark; writes outputs when cfg.output_dir is set.
+    Returns the summary: per benchmark accuracy and num_problems, and `mean` over benchmarks."""
+    check_config(cfg)
+    if not benchmarks or not all(benchmarks.values()):
+        raise ValueError(f"eval: every benchmark needs problems, got {({n: len(e) for n, e in benchmarks.items()})}")
+    template = resolve_template(tokenizer, cfg.template)
+    prompts = {name: [encode_prompt(tokenizer, ex.problem, template) for ex in exs] for name, exs in benchmarks.items()}
+    budgets = {name: token_budget(model, name, prompts[name], exs, cfg.max_new_tokens)
+               for name, exs in benchmarks.items()}
+    if cfg.temperature == 0 and cfg.n > 1:
+        warnings.warn(f"temperature 0 is greedy: the {cfg.n} samples of a problem are identical", stacklevel=2)
+    bar = tqdm(total=sum(map(len, benchmarks.values())), desc="eval", unit="problem", disable=not cfg.progress)
+    start, records, results = time.perf_counter(), [], {}
+    for name, exs in benchmarks.items():
+        t0 = time.perf_counter()
+        completions = sample_completions(model, tokenizer, prompts[name], cfg, budgets[name], bar)
+        recs, accuracy = score_benchmark(name, exs, completions, cfg.k)
+        records += recs
+        results[name] = {"accuracy": accuracy, "num_problems": len(exs), "max_new_tokens": budgets[name],
+                         "mean_completion_tokens": sum(r["num_tokens"] for r in recs) / len(recs),
+                         "runtime_s": time.perf_counter() - t0}
+    bar.close()
+    summary = {"k": cfg.k, "num_samples": cfg.n, "benchmarks": results,
+               "mean": sum(r["accuracy"] for r in results.values()) / len(results),
+               "runtime_s": time.perf_counter() - start, "config": asdict(cfg)}
+    if cfg.output_dir is not None:
+        summary.update(write_outputs(Path(cfg.output_dir), records, summary))
+    return summary
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(output_dir: Path, records: list[dict], summary: dict) -> dict:
+    """samples.jsonl (one line per sample) and summary.json; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"samples_file": str(output_dir / "samples.jsonl"), "summary_file": str(output_dir / "summary.json")}
+    write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(output_dir / "summary.json", json.dumps({**summary, **paths}, indent=2) + "\n")
+    return paths
+
+
+def format_table(summary: dict) -> str:
+    """A markdown table: one row per benchmark, then the unweighted mean."""
+    k = summary["k"]
+    lines = [f"| benchmark | problems | pass@{k} (%) |", "| --- | ---: | ---: |"]
+    for name, r in summary["benchmarks"].items():
+        lines.append(f"| {name} | {r['num_problems']} | {100 * r['accuracy']:.1f} |")
+    lines.append(f"| **mean** | {sum(r['num_problems'] for r in summary['benchmarks'].values())} "
+                 f"| {100 * summary['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """The CLI path: check the config, load the benchmarks, then the model, then evaluate."""
+    from nested_reft.bench import resolve_device, resolve_dtype
+    from nested_reft.sft import load_model_and_tokenizer
+
+    check_config(cfg)
+    if not cfg.model:
+        raise ValueError("eval: `model` is required")
+    benchmarks = load_benchmarks(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
+    model.to(device).eval()
+    return evaluate(model, tokenizer, benchmarks, cfg)
