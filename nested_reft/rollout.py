@@ -4,10 +4,19 @@ Choices:
 - One lean decode loop over the model's own forward (no `generate()` machinery): left-padded prompts,
   explicit position ids from the attention mask, a DynamicCache built for the model as it runs (so a
   nested model gets a cache with its own K layers), the LM head applied to the last position only.
-- Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then a draw from a seeded
-  torch.Generator. The behaviour log-prob recorded for each generated token is the log-probability under
-  exactly that processed distribution (temperature-scaled, truncated, renormalised), i.e. the
-  distribution the token was actually drawn from. With top_p = 1 and top_k = 0 (the training default)
+- Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then an inverse-CDF draw:
+  the token is the first whose cumulative probability exceeds u * (total mass), with one uniform u per
+  row and step. The uniforms [N, L] are drawn up front, before decoding, either from one generator for
+  the whole batch or from one generator per prompt (its G rows). With per-prompt generators a prompt's
+  completions depend only on its own seed, not on which other prompts share its batch or process: the
+  trainer seeds each prompt with (seed, step, position in the step's batch), so 1 process and N processes
+  sample the same tokens (up to floating-point differences in the logits); its generators are CPU ones,
+  so the uniforms are also the same on CPU and GPU.
+  (torch.multinomial draws for all rows from one generator, so a row's sample would depend on its batch.)
+  It costs one cumsum + searchsorted over the vocabulary per step instead of torch.multinomial.
+- The behaviour log-prob recorded for each generated token is the log-probability under exactly that
+  processed distribution (temperature-scaled, truncated, renormalised), i.e. the distribution the token
+  was actually drawn from. With top_p = 1 and top_k = 0 (the training default)
   this is log_softmax(logits / T). `logprobs="recompute"` instead recomputes log_softmax(logits / T) with
   a teacher-forced pass of the (nested) model over prompt + completion; docs/rollout.md reports the
   measured difference between the two.
@@ -97,11 +106,27 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def sample_token(logp: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from log-probs [N, V]; returns [N]."""
+def sample_token(logp: torch.Tensor, greedy: bool, uniform: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from log-probs [N, V]: argmax when greedy, else the inverse CDF at the row's
+    uniform [N] in [0, 1) (tokens of probability 0 are never drawn); returns [N]."""
     if greedy:
         return logp.argmax(-1)
-    return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+    cdf = logp.exp().cumsum(-1)  # [N, V]
+    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]  # [N, 1], scaled by the mass cumsum reached
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.size(-1) - 1)
+
+
+def sampling_uniforms(generator, num_prompts: int, num_generations: int, length: int, device) -> torch.Tensor:
+    """Uniforms [num_prompts * G, length] for the decode loop, rows prompt-major. `generator`: None (the
+    global RNG), one torch.Generator for the batch, or a sequence of one generator per prompt."""
+    n = num_prompts * num_generations
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.rand((n, length), generator=generator, device=gen_device).to(device)
+    if len(generator) != num_prompts:
+        raise ValueError(f"got {len(generator)} generators for {num_prompts} prompts")
+    return torch.cat([torch.rand((num_generations, length), generator=g, device=g.device).to(device)
+                      for g in generator])
 
 
 def _eos_tensor(eos_token_id, device) -> torch.Tensor:
@@ -110,8 +135,9 @@ def _eos_tensor(eos_token_id, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, generator):
-    """The KV-cached loop. ids/mask [N, P]; returns completion ids, mask and sampled log-probs [N, L]."""
+def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms):
+    """The KV-cached loop. ids/mask [N, P], uniforms [N, L] (None when greedy); returns completion ids,
+    mask and sampled log-probs [N, L]."""
     n, p = ids.shape
     full_mask = torch.cat([mask, mask.new_ones(n, cfg.max_new_tokens)], dim=1)  # [N, P+L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
@@ -127,7 +153,7 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
         if t < cfg.min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
         logp = process_logits(logits, cfg)
-        tok = sample_token(logp, cfg.temperature == 0, generator)  # [N]
+        tok = sample_token(logp, cfg.temperature == 0, None if uniforms is None else uniforms[:, t])  # [N]
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
         logps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
@@ -156,10 +182,11 @@ def generate(
     eos_token_id,
     pad_token_id: int,
     skip: Sequence[int] = (),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt (token-id lists) from the model with the
-    layers in `skip` bypassed. Rows are ordered prompt-major: the G completions of a prompt are adjacent."""
+    layers in `skip` bypassed. Rows are ordered prompt-major: the G completions of a prompt are adjacent.
+    `generator`: one for the batch, or one per prompt (then a prompt's samples do not depend on its batch)."""
     cfg.validate()
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -167,12 +194,15 @@ def generate(
     rows = [p for p in prompts for _ in range(num_generations)]
     ids, mask = left_pad(rows, pad_token_id, device)
     eos = _eos_tensor(eos_token_id, device)
+    greedy = cfg.temperature == 0
+    uniforms = None if greedy else sampling_uniforms(generator, len(prompts), num_generations, cfg.max_new_tokens,
+                                                     device)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         with skip_layers(model, skip):
-            tokens, cmask, logps = _decode(model, ids, mask, cfg, eos, pad_token_id, generator)
+            tokens, cmask, logps = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms)
             if cfg.logprobs == "recompute":
                 logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature)
     finally:

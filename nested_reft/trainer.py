@@ -6,8 +6,10 @@ Choices:
   U fits the valid layers), the tokenizer, the data set. Nothing is written until all of it passed.
 - Determinism by construction: the prompts of step s and its skip set are pure functions of (seed, s)
   (data order = one seeded permutation per epoch; skip set from a generator seeded with (seed, s)), and
-  sampling uses a generator seeded with (seed, s, rank). A resumed run therefore repeats exactly the
-  uninterrupted run's prompts, skip sets and rollouts, and every process draws the same skip set.
+  each prompt is sampled from its own generator seeded with (seed, s, its position in the step's batch).
+  A resumed run therefore repeats exactly the uninterrupted run's prompts, skip sets and rollouts, every
+  process draws the same skip set, and a prompt's rollouts do not depend on how many processes share
+  the step (1 process and N processes train on the same samples; tests/test_distributed.py).
 - pi_old (the full-depth policy at rollout time) is scored by a teacher-forced pass in every variant,
   the baseline included, so rho, h and the log-ratio metrics exist for all and the variants pay the same.
 - Loss normalisers (token counts for bnpo, sequence counts for grpo/dr_grpo) are global over the whole
@@ -16,6 +18,13 @@ Choices:
 - A non-finite loss or gradient skips the update (counted in `skipped_updates`); weights are checked to
   be finite before every checkpoint. Checkpoints are written to a temporary directory, then renamed.
   Ctrl-C saves a checkpoint of the last finished step; SIGKILL loses at most the steps since the last one.
+- Several processes (`accelerate launch` / `torchrun`, DDP; docs/distributed.md): process r takes the
+  prompts at positions r, r + world, ... of the step's batch with all their G completions (group
+  advantages stay exact); metrics are reduced over processes; only process 0 writes files. Every process
+  reads the checkpoint on resume (output_dir must be on a shared file system across nodes). A failed
+  collective (a peer died, or stalled past collective_timeout_s) raises CollectiveError on the others;
+  Ctrl-C with several processes saves nothing (they may be stopped in different collectives) and the
+  last periodic checkpoint is the resume point.
 """
 
 import json
@@ -23,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -171,8 +180,9 @@ def step_skip_set(cfg: TrainConfig, n: int, step: int) -> tuple[int, ...]:
     return sample_skip_set(n, cfg.skip_ratio, cfg.border, g)
 
 
-def sampling_generator(cfg: TrainConfig, step: int, rank: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank + 1)
+def sampling_generators(cfg: TrainConfig, step: int, positions: list[int]) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded by (seed, step, position of the prompt in the step's batch)."""
+    return [torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 100_003 + k + 1) for k in positions]
 
 
 def sampling_config(cfg: TrainConfig) -> SamplingConfig:
@@ -184,25 +194,34 @@ def sampling_config(cfg: TrainConfig) -> SamplingConfig:
 # ---- one RL step --------------------------------------------------------------------------------
 
 
+def local_positions(run: Run) -> list[int]:
+    """Positions in the step's batch that this process handles: rank, rank + world, ..."""
+    acc = run.accelerator
+    return list(range(acc.process_index, run.cfg.batch_size, acc.num_processes))
+
+
 def local_prompts(run: Run, step: int) -> list[Prompt]:
     """This process's share of the step's prompts (whole prompts: a prompt's G completions stay here)."""
     idx = step_prompt_indices(len(run.prompts), run.cfg.batch_size, step, run.cfg.seed)
-    acc = run.accelerator
-    return [run.prompts[i] for i in idx[acc.process_index::acc.num_processes]]
+    return [run.prompts[idx[k]] for k in local_positions(run)]
 
 
 def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
-    """Generate G completions per prompt with the nested model, in rollout_batch_size chunks."""
+    """Generate G completions per prompt (`local_prompts(run, step)`) with the nested model, in
+    rollout_batch_size chunks; each prompt samples from its own generator (see sampling_generators)."""
     cfg, acc = run.cfg, run.accelerator
     policy = acc.unwrap_model(run.model)
-    gen = sampling_generator(cfg, step, acc.process_index, acc.device)
+    gens = sampling_generators(cfg, step, local_positions(run))
+    if len(gens) != len(prompts):
+        raise ValueError(f"do_rollouts expects this process's {len(gens)} prompts, got {len(prompts)}")
     eos = policy.generation_config.eos_token_id or run.tokenizer.eos_token_id
     parts = []
     with acc.autocast():
         for i in range(0, len(prompts), cfg.rollout_batch_size):
             chunk = [p.ids for p in prompts[i:i + cfg.rollout_batch_size]]
             parts.append(generate(policy, chunk, cfg.num_generations, sampling_config(cfg), eos,
-                                  run.tokenizer.pad_token_id, skip=skip, generator=gen))
+                                  run.tokenizer.pad_token_id, skip=skip,
+                                  generator=gens[i:i + cfg.rollout_batch_size]))
     return merge_rollouts(parts, run.tokenizer.pad_token_id)
 
 
@@ -329,13 +348,21 @@ def gather_rows(acc, values: list[float]) -> torch.Tensor:
 
 
 def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra, rollout_s, update_s, step_s):
-    """The metrics.jsonl line of one step, reduced over processes (each holds an equal share)."""
+    """The metrics.jsonl line of one step, reduced over processes: sums, min/max, and means weighted by
+    each process's count (IS units for the h metrics, generated tokens for clip_frac), so that N
+    processes report what one process would for the same batch."""
     acc = run.accelerator
     local = [rollout.num_completion_tokens, rollout.num_prompt_tokens, rollout.completion_ids.size(0),
              hm["h_mean"], hm["h_min"], hm["h_max"], hm["h_truncated_frac"], hm["log_ratio_mean"],
-             extra.get("clip_frac", 0.0), rollout_s]
-    rows = gather_rows(acc, local)  # [world, 10]
+             extra.get("clip_frac", 0.0), rollout_s, hm.get("num_units", 1.0)]
+    rows = gather_rows(acc, local)  # [world, 11]
     gen_tokens, prompt_tokens, seqs = (float(rows[:, i].sum()) for i in range(3))
+
+    def weighted(col: int, weight_col: int) -> float:
+        w = rows[:, weight_col]
+        return float((rows[:, col] * w).sum() / w.sum()) if float(w.sum()) > 0 else float(rows[:, col].mean())
+
+    units = rows[rows[:, 10] > 0] if bool((rows[:, 10] > 0).any()) else rows  # processes with IS units
     all_rewards = acc.gather(rewards.to(acc.device)).cpu() if acc.num_processes > 1 else rewards
     tokens = prompt_tokens + gen_tokens
     rollout_s = float(rows[:, 9].max())
@@ -346,11 +373,11 @@ def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, ext
         "loss": loss if math.isfinite(loss) else None,
         "skip_set": list(skip),
         "num_skipped": len(skip),
-        "h_mean": float(rows[:, 3].mean()),
-        "h_min": float(rows[:, 4].min()),
-        "h_max": float(rows[:, 5].max()),
-        "h_truncated_frac": float(rows[:, 6].mean()),
-        "log_ratio_mean": float(rows[:, 7].mean()),
+        "h_mean": weighted(3, 10),
+        "h_min": float(units[:, 4].min()),
+        "h_max": float(units[:, 5].max()),
+        "h_truncated_frac": weighted(6, 10),
+        "log_ratio_mean": weighted(7, 10),
         "tokens_generated": int(gen_tokens),
         "tokens_processed": int(tokens),
         "completion_len_mean": gen_tokens / seqs,
@@ -362,7 +389,7 @@ def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, ext
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": norm if math.isfinite(norm) else None,
         "skipped_update": not applied,
-        "clip_frac": float(rows[:, 8].mean()),
+        "clip_frac": weighted(8, 0),
     }
 
 
@@ -490,10 +517,47 @@ def prepare_output(run: Run) -> tuple[int, dict]:
     return int(state["step"]), state
 
 
-def train(cfg: TrainConfig, run: Run | None = None) -> dict:
-    """Run the RL stage; returns the summary (also written to summary.json)."""
-    run = run or setup(cfg)
+class CollectiveError(RuntimeError):
+    """A collective across processes failed: a peer process died or stopped answering."""
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """torch.distributed's own error types, or gloo/NCCL errors (gloo raises plain RuntimeErrors)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
+                                                                       "Connection reset by peer"))
+
+
+@contextmanager
+def collective_failures(run: Run):
+    """Turn a failed collective into a CollectiveError that says what most likely happened."""
     acc = run.accelerator
+    try:
+        yield
+    except RuntimeError as exc:
+        if acc.num_processes < 2 or isinstance(exc, CollectiveError) or not is_collective_failure(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CollectiveError(
+            f"process {acc.process_index} of {acc.num_processes}: a collective operation failed: another process "
+            f"died or did not answer within collective_timeout_s={run.cfg.collective_timeout_s} s (see its log). "
+            f"This process stops too; resume from the last checkpoint with --resume true. "
+            f"({type(exc).__name__}: {first})") from exc
+
+
+def train(cfg: TrainConfig, run: Run | None = None) -> dict:
+    """Run the RL stage; returns the summary (also written to summary.json). With several processes, a
+    dead or stalled peer makes every other process raise CollectiveError (after at most
+    collective_timeout_s) instead of hanging."""
+    run = run or setup(cfg)
+    with collective_failures(run):
+        return _train(run)
+
+
+def _train(run: Run) -> dict:
+    cfg, acc = run.cfg, run.accelerator
     start_step, state = prepare_output(run)
     log = MetricsLog(run.out / "metrics.jsonl", acc.is_main_process, start_step)
     tracker = make_tracker(cfg, run.out, acc.is_main_process)
@@ -514,6 +578,10 @@ def train(cfg: TrainConfig, run: Run | None = None) -> dict:
         step = cfg.steps
     except KeyboardInterrupt:
         done = len(state["rewards"])  # steps finished, resumed ones included
+        if acc.num_processes > 1:  # processes may be stopped inside different collectives: no joint save
+            if acc.is_main_process:
+                print(f"\ninterrupted: resume from the last checkpoint, {latest_checkpoint(run.out)}", flush=True)
+            raise
         if acc.is_main_process:
             print(f"\ninterrupted: saving a checkpoint of step {done} to resume from", flush=True)
         save_checkpoint(run, done, state)

@@ -4,7 +4,7 @@ from conftest import tiny_model
 
 from nested_reft import skip_layers
 from nested_reft.nested import build_truncated_model
-from nested_reft.rollout import SamplingConfig, generate, left_pad, process_logits, sequence_logprobs
+from nested_reft.rollout import SamplingConfig, generate, left_pad, process_logits, sample_token, sequence_logprobs
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 EOS, PAD = 3, 0
@@ -121,3 +121,32 @@ def test_training_mode_restored_and_bad_config_named(qwen):
         generate(qwen, PROMPTS, 1, SamplingConfig(top_p=0.0), None, PAD)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(qwen, [[5], []], 1, greedy(3), None, PAD)
+
+
+def test_inverse_cdf_sampler_follows_the_distribution_and_skips_excluded_tokens():
+    logp = process_logits(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), SamplingConfig(top_p=0.9))
+    n = 40_000
+    tokens = sample_token(logp.expand(n, 4), False, torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(tokens, minlength=4).double() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0], dtype=torch.float64) / 0.95,
+                               rtol=0, atol=0.01)
+    edges = sample_token(logp.expand(2, 4), False, torch.tensor([0.0, 1.0 - 2**-24]))
+    assert edges.tolist() == [0, 2]  # the ends of [0, 1) land on the first and last token of mass > 0
+
+
+def test_per_prompt_generators_make_a_prompts_samples_independent_of_its_batch(qwen):
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=10)
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = generate(qwen, PROMPTS, 3, cfg, EOS, PAD, skip=(1,), generator=gens(10, 11, 12))
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(qwen, [prompt], 3, cfg, EOS, PAD, skip=(1,), generator=gens(10 + i))
+        rows, length = slice(3 * i, 3 * i + 3), alone.completion_ids.size(1)
+        assert torch.equal(alone.completion_ids, batch.completion_ids[rows, :length])
+        assert not batch.completion_mask[rows, length:].any()
+        torch.testing.assert_close(alone.behavior_logprobs, batch.behavior_logprobs[rows, :length], rtol=0, atol=1e-5)
+    assert len({tuple(r) for r in batch.completion_ids.tolist()}) > 3  # the G rows of a prompt differ
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        generate(qwen, PROMPTS, 1, cfg, EOS, PAD, generator=gens(1, 2))
