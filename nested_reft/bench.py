@@ -200,3 +200,36 @@ def format_table(results: list[dict]) -> str:
                      f"({r['full_tokens_per_s']:.1f} vs {r['generate_tokens_per_s']:.1f} tok/s)")
     lines.append(f"\ndevice: {results[0]['device']}")
     return "\n".join(lines)
+
+
+def profile_rollout(model, cfg: BenchConfig, skip=()) -> dict:
+    """Where a rollout's time goes: seconds in the embedding, the decoder layers, the final norm + LM
+    head (forward hooks around each), and the rest (sampling, masks, cache, Python). CPU timings; on CUDA
+    the hooks synchronise, which slows the run but keeps the split honest."""
+    from nested_reft.nested import find_layers
+
+    device = next(model.parameters()).device
+    parts = {"embedding": [model.get_input_embeddings()], "layers": list(find_layers(model).layers),
+             "lm_head": [model.get_output_embeddings(), getattr(model.model, "norm", None)]}
+    spent = {name: 0.0 for name in parts}
+    starts, handles = {}, []
+    for name, modules in parts.items():
+        for m in filter(None, modules):
+            handles.append(m.register_forward_pre_hook(lambda mod, a: starts.__setitem__(mod, _now(device))))
+            handles.append(m.register_forward_hook(
+                lambda mod, a, o, n=name: spent.__setitem__(n, spent[n] + _now(device) - starts[mod])))
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompts = torch.randint(1, vocab, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
+    try:
+        total = _time_engine(model, prompts, cfg, skip, g, device)
+    finally:
+        for h in handles:
+            h.remove()
+    spent["other (sampling, masks, cache, Python)"] = total - sum(spent.values())
+    return {k: v / total for k, v in spent.items()} | {"total_s": total}
+
+
+def _now(device: torch.device) -> float:
+    _sync(device)
+    return time.perf_counter()

@@ -6,6 +6,7 @@ names the bad field, file:line or value. Machine-readable output is printed with
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -40,6 +41,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--compare-generate", action="store_true", help="also time HF model.generate() (full model)")
     p.add_argument("--json", action="store_true", help="print one JSON object per ratio")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a full-model rollout's time goes (embedding, layers, LM head, rest)")
     p.set_defaults(func=_run_bench)
 
 
@@ -61,6 +64,13 @@ def _run_bench(args) -> int:
     except (ValueError, IndexError, TypeError) as exc:
         raise UsageError(str(exc)) from exc
     _print_json(results) if args.json else print(format_table(results))
+    if args.profile:
+        from nested_reft.bench import load_bench_model, profile_rollout
+
+        model, _ = load_bench_model(cfg)
+        shares = profile_rollout(model, cfg)
+        print("\nfull-model rollout time: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in shares.items() if k != "total_s") + f" (of {shares['total_s']:.2f} s)")
     return 0
 
 
@@ -137,6 +147,8 @@ def _add_sft(sub) -> None:
     p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt template (default auto)")
     p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
     p.add_argument("--limit", type=int, help="use only the first N examples")
+    p.add_argument("--collective-timeout-s", type=int,
+                   help="with several processes: seconds before a stalled collective (dead peer) aborts (default 600)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_sft)
 
@@ -151,6 +163,8 @@ def _run_sft(args) -> int:
         summary = run_sft(SFTConfig(**given))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes (torchrun / accelerate launch): print once
+        return 0
     if args.json:
         _print_json(summary)
     else:
@@ -243,6 +257,104 @@ def _run_eval(args) -> int:
     return 0
 
 
+# ---- demo / sweep / report --------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    from nested_reft.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="the whole pipeline on the toy task (CPU, about 10 minutes): SFT, baseline vs Nested-ReFT",
+                       description="Builds the toy task and model, runs SFT once, then RL: the baseline (x = 0) and "
+                                   "Nested-ReFT at --skip-ratio with each mitigation; evaluates all and prints a comparison "
+                                   "table. A rerun with the same options continues where it stopped.")
+    p.add_argument("--output-dir", default=d.output_dir, help=f"where everything is written (default {d.output_dir})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"RL steps per run (default {d.steps})")
+    p.add_argument("--num-train", type=int, default=d.num_train, help=f"toy training problems (default {d.num_train})")
+    p.add_argument("--num-test", type=int, default=d.num_test, help=f"held-out toy problems (default {d.num_test})")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N test problems only (default: all)")
+    p.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help=f"x of the nested runs (default {d.skip_ratio})")
+    p.add_argument("--mitigations", nargs="+", default=d.mitigations, help="nested runs to do (default: base practical retrace)")
+    p.add_argument("--sft-epochs", type=int, help="SFT epochs (default: the toy task's recommended setting)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seeds everything (default {d.seed})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
+    p.add_argument("--quick", action="store_true", help="tiny preset (about a minute) that runs every stage; for tests")
+    p.add_argument("--json", action="store_true", help="print results.json instead of the table")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from nested_reft.config import ConfigError
+    from nested_reft.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(output_dir=args.output_dir, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
+                     eval_limit=args.eval_limit, steps=args.steps, skip_ratio=args.skip_ratio,
+                     mitigations=args.mitigations, sft_epochs=args.sft_epochs, threads=args.threads, quick=args.quick)
+    try:
+        res = run_demo(cfg)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(res)
+    else:
+        print(res["table"])
+        print("\n".join(res["verdicts"]))
+        print(f"results: {args.output_dir}/results.md, results.json, figures: {', '.join(res['figures'])}")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="the experiment grid: models x datasets x ratios x mitigations + baselines",
+                       description="Trains and evaluates every run of the grid described in CONFIG, each in its own "
+                                   "directory; a rerun skips finished runs and resumes unfinished ones.")
+    p.add_argument("config", help="sweep YAML (see configs/sweep-toy.yaml, configs/sweep-paper.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and what a run would do with each; do nothing")
+    p.add_argument("--json", action="store_true", help="print the plan / results as JSON")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from nested_reft.config import ConfigError
+    from nested_reft.sweep import format_plan, load_spec, run_sweep
+
+    try:
+        rows = run_sweep(load_spec(args.config), dry_run=args.dry_run)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_plan(rows))
+        for r in rows:
+            print(f"{r['name']}: {r['result']}") if "result" in r and r["result"] != "skipped" else None
+    return 1 if any(str(r.get("result", "")).startswith("failed") for r in rows) else 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="deltas to the baseline, the paper's Table 2, Figure-1 plots, linear fits",
+                       description="Matches each nested run to its baseline (same model and dataset, x = 0) and reports "
+                                   "accuracy, token speed and runtime deltas. A directory without config.yaml is "
+                                   "searched one level down.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or directories of runs)")
+    p.add_argument("--output-dir", help="write report.md, report.json and the PNG figures here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of markdown")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from nested_reft.report import ReportError, build_report
+
+    try:
+        rep = build_report(args.run_dirs, args.output_dir)
+    except ReportError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        _print_json({k: v for k, v in rep.items() if k != "markdown"})
+    else:
+        print(rep["markdown"])
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -252,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reinforced fine-tuning with rollouts from layer-skipped nested models (Nested-ReFT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft, _add_eval):
+    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft, _add_eval, _add_demo, _add_sweep, _add_report):
         add(sub)
     return parser
 

@@ -37,3 +37,13 @@ def test_bench_cli_json_on_a_narrow_preset(capsys):
 def test_bench_bad_input_exits_2(argv, msg, capsys):
     assert main(["bench", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_profile_splits_the_rollout_time():
+    from nested_reft.bench import build_preset, profile_rollout
+
+    cfg = BenchConfig(batch_size=1, num_generations=2, max_new_tokens=3, prompt_len=4)
+    shares = profile_rollout(build_preset("tiny-28", hidden_size=32).eval(), cfg)
+    parts = {k: v for k, v in shares.items() if k != "total_s"}
+    assert set(parts) == {"embedding", "layers", "lm_head", "other (sampling, masks, cache, Python)"}
+    assert sum(parts.values()) == pytest.approx(1.0) and parts["layers"] > parts["embedding"] > 0
