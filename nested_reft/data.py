@@ -108,12 +108,14 @@ def dataset_file(name: str, split: str, data_dir=None) -> Path:
 
 
 def load_hub(name: str, split: str, limit: int | None = None) -> list[Example]:
-    """A hub dataset via `datasets.load_dataset`: `question` or `problem`, `answer`, optional `solution`."""
+    """A hub dataset via `datasets.load_dataset` (`owner/name` or `owner/name:config`, e.g. `openai/gsm8k:main`):
+    `question` or `problem`, `answer`, optional `solution`."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"'{name}' looks like a hub dataset, which needs `pip install datasets`") from None
-    rows = datasets.load_dataset(name, split=split)
+    path, _, config = name.partition(":")
+    rows = datasets.load_dataset(path, config or None, split=split)
     examples = []
     for i, row in enumerate(rows):
         if limit is not None and i >= limit:
@@ -146,8 +148,8 @@ def load_examples(name: str, split: str = "train", data_dir=None, limit: int | N
 
 def dataset_kind(name: str) -> str:
     """The family a data set name refers to (picks the SFT target format): "gsm8k" for "gsm8k",
-    ".../gsm8k/train.jsonl" and "openai/gsm8k"."""
-    path = Path(name)
+    ".../gsm8k/train.jsonl", "openai/gsm8k" and "openai/gsm8k:main"."""
+    path = Path(name.partition(":")[0])
     return (path.parent.name if name.endswith(".jsonl") else path.name).lower()
 
 

@@ -9,7 +9,11 @@ Choices:
   `grad_accum_steps` micro-batches, clips the gradient norm to `max_grad_norm`, then AdamW with linear
   warmup and decay. A non-finite loss or gradient norm skips that update (counted), weights untouched.
 - It runs through `accelerate.Accelerator`: CUDA when present (bf16 autocast there by default), CPU
-  otherwise, and `accelerate launch` shards the examples over processes.
+  otherwise, and `accelerate launch` / `torchrun` shard the examples over processes (DDP; gloo on CPU).
+  Each process's micro-batch loss is its own token mean and DDP averages the processes, so N processes
+  with batch_size b match one process with b*N only when the processes' token counts are equal. The
+  reported losses are means over processes; a dead or stalled peer fails the collectives after
+  `collective_timeout_s` instead of hanging; only process 0 writes the checkpoint (docs/distributed.md).
 - The checkpoint (safetensors + tokenizer + sft_summary.json) is written to a temporary sibling
   directory and renamed into `output_dir`, so a crash never leaves a half-written checkpoint there.
 """
@@ -48,6 +52,7 @@ class SFTConfig:
     seed: int = 0  # shuffling and any random init
     limit: int | None = None  # use only the first N examples
     bf16: bool | None = None  # bf16 autocast; None = on when CUDA supports it
+    collective_timeout_s: int = 600  # seconds before a stalled collective (dead peer process) aborts the run
     gradient_checkpointing: bool = False  # trade compute for activation memory
 
 
@@ -56,7 +61,7 @@ def check_config(cfg: SFTConfig) -> None:
     for name in ("model", "dataset", "output_dir"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: `{name}` is required")
-    for name in ("epochs", "batch_size", "grad_accum_steps", "max_length"):
+    for name in ("epochs", "batch_size", "grad_accum_steps", "max_length", "collective_timeout_s"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"sft: `{name}` must be >= 1, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
@@ -65,6 +70,8 @@ def check_config(cfg: SFTConfig) -> None:
         raise ValueError(f"sft: `warmup_ratio` must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.weight_decay < 0 or cfg.max_grad_norm <= 0:
         raise ValueError("sft: `weight_decay` must be >= 0 and `max_grad_norm` > 0")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ValueError(f"sft: `output_dir` {cfg.output_dir} exists and is not a directory")
     if cfg.template not in ("auto", "chat", "plain"):
         raise ValueError(f"sft: `template` must be auto, chat or plain, got {cfg.template!r}")
 
@@ -177,8 +184,9 @@ def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm
         tokens += int(batch["attention_mask"].sum())
     loss = torch.stack(losses).mean()
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    bad = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(norm)))], device=loss.device)
-    applied = accelerator.reduce(bad, "sum").item() == 0  # every process agrees
+    bad = float(not (torch.isfinite(loss) and torch.isfinite(norm)))
+    stats = accelerator.reduce(torch.stack([loss.float(), torch.tensor(bad, device=loss.device)]), "sum")
+    loss, applied = stats[0] / accelerator.num_processes, stats[1].item() == 0  # every process agrees
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -192,35 +200,21 @@ def curve(values: list[float], points: int = 50) -> list[float]:
     return [round(sum(c) / len(c), 5) for c in chunks if c]
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Train, save the checkpoint to `cfg.output_dir`, and return the summary (also sft_summary.json)."""
-    from accelerate import Accelerator
-
-    check_config(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
-    items, truncated = prepare(cfg, tokenizer)  # every problem must be fine before any work
-    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+def make_optimizer(model, cfg: SFTConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if len(items) < world:
-        raise DataError(f"{len(items)} examples cannot be shared by {world} processes")
-    per_epoch = math.ceil(len(epoch_batches(len(items), cfg.batch_size, 0, cfg.seed, rank, world)) / cfg.grad_accum_steps)
-    num_updates = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(num_updates, cfg.warmup_ratio))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
-    model.train()
-    losses, tokens, skipped, start = [], 0, 0, time.perf_counter()
-    bar = tqdm(total=num_updates, desc="sft", disable=not accelerator.is_main_process)
+
+def train_epochs(model, accelerator, optimizer, items: list, cfg: SFTConfig, pad_id: int) -> tuple[list[float], int, int]:
+    """The training loop; returns (loss per applied update, tokens processed here, skipped updates)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = math.ceil(len(epoch_batches(len(items), cfg.batch_size, 0, cfg.seed, rank, world)) / cfg.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(per_epoch * cfg.epochs, cfg.warmup_ratio))
+    losses, tokens, skipped = [], 0, 0
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="sft", disable=not accelerator.is_main_process)
     for epoch in range(cfg.epochs):
         batches = epoch_batches(len(items), cfg.batch_size, epoch, cfg.seed, rank, world)
         for u in range(0, len(batches), cfg.grad_accum_steps):
@@ -228,27 +222,54 @@ def run_sft(cfg: SFTConfig) -> dict:
             micro = [{k: v.to(accelerator.device) for k, v in m.items()} for m in micro]
             loss, n, applied = train_update(model, accelerator, optimizer, micro, cfg.max_grad_norm)
             scheduler.step()
-            tokens += n
-            skipped += not applied
-            if applied:
-                losses.append(loss)
+            tokens, skipped = tokens + n, skipped + (not applied)
+            losses += [loss] if applied else []
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
     bar.close()
-    runtime = time.perf_counter() - start
+    return losses, tokens, skipped
 
+
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train, save the checkpoint to `cfg.output_dir`, and return the summary (also sft_summary.json)."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    check_config(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    items, truncated = prepare(cfg, tokenizer)  # every problem must be fine before any work
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # cpu=True without CUDA: otherwise accelerate ignores torchrun's processes (each would train alone)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no",
+                              kwargs_handlers=[timeout])
+    if len(items) < accelerator.num_processes:
+        raise DataError(f"{len(items)} examples cannot be shared by {accelerator.num_processes} processes")
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+    model.train()
+    start = time.perf_counter()
+    losses, tokens, skipped = train_epochs(model, accelerator, optimizer, items, cfg, pad_id)
+    runtime = time.perf_counter() - start
+    tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
     summary = {
         "config": asdict(cfg),
         "num_examples": len(items),
         "truncated_targets": truncated,
-        "updates": num_updates,
+        "updates": len(losses) + skipped,
         "skipped_updates": skipped,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "loss_curve": curve(losses),
         "runtime_s": round(runtime, 3),
-        "tokens": tokens * world,
-        "tokens_per_s": round(tokens * world / max(runtime, 1e-9), 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / max(runtime, 1e-9), 1),
         "output_dir": str(cfg.output_dir),
     }
     accelerator.wait_for_everyone()

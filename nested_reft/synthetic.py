@@ -1,17 +1,23 @@
 """The embedded toy task: arithmetic word problems, a tokenizer built for them, and a 28-layer Qwen2 model.
 
 No weights can be downloaded on these machines, so the demo trains its own model end to end. Choices:
-- Problems: "Ava has 7 marbles. She finds 5 more, gives away 3 and then buys 4 more. How many marbles
-  does Ava have now?" with 2-4 additions/subtractions of small numbers (start 2-20, operands 1-9, every
-  running total in [0, 40]) and the solution "7 + 5 = 12. 12 - 3 = 9. 9 + 4 = 13. The answer is
-  \\boxed{13}.". A short SFT teaches the format and part of the arithmetic; RL has room left to improve.
+- Problems: "Ava has 7 marbles. First she finds 5 more. Then she gives away 3. Finally she buys 4 more.
+  How many marbles does Ava have now?" with 2-4 additions/subtractions of small numbers (start 2-12,
+  operands 1-5, every running total in [0, 20]); solution "First 7 + 5 = 12. Then 12 - 3 = 9. Finally
+  9 + 4 = 13. The answer is \\boxed{13}.". Each step opens with the same cue word in problem and
+  solution, so finding a step's operand is a lookup a tiny model learns fast; without the cues it must
+  count numbers, and 1.5 CPU-minutes of SFT stayed under 10% accuracy. What is left hard is the
+  arithmetic: a short SFT reaches roughly 20-30% greedy accuracy, so RL has room to improve it.
 - Splits: one seeded stream of distinct problems; the first `num_test` go to test, the next `num_train`
   to train, so no problem text is in both (checked). Written in the shared data layout (`data.py`).
-- Tokenizer: byte-level BPE (like Qwen2's) trained on the task's own text, digits split one per token
-  (numbers are digit sequences), ChatML special tokens and a ChatML chat template, wrapped as
+- Tokenizer: byte-level BPE with Qwen2's own pre-tokenizer (one token per digit, so numbers are digit
+  sequences) trained on the task's text, ChatML special tokens and a ChatML chat template, wrapped as
   `PreTrainedTokenizerFast`, so the chat prompt path is the one real models take.
 - Model: `Qwen2ForCausalLM` with 28 layers (Qwen2.5-Math-1.5B's depth, so skip counts match the paper's
-  Table 1) at tiny width, tied embeddings, random init from `seed`, saved with `save_pretrained`.
+  Table 1) at width 64, tied embeddings, seeded random init. Init std is hidden**-0.5 (HF's default 0.02
+  is tiny at this width and attention barely learns) and the output projections of every block are
+  scaled down by sqrt(2 * layers) (GPT-2 style), so the deep narrow stack starts near identity; both
+  together roughly tripled the accuracy reached in the same SFT budget.
 """
 
 import json
@@ -25,10 +31,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 from nested_reft.data import SYSTEM_PROMPT
 
 TASK = "toy"  # the data set name of the toy task (`<data_dir>/toy/{train,test}.jsonl`)
-START_RANGE = (2, 20)  # the first amount
-OPERAND_RANGE = (1, 9)  # every later amount
-TOTAL_RANGE = (0, 40)  # every running total stays inside
+START_RANGE = (2, 12)  # the first amount
+OPERAND_RANGE = (1, 5)  # every later amount
+TOTAL_RANGE = (0, 20)  # every running total stays inside
 STEPS_RANGE = (2, 4)  # number of operations per problem
+CUES = ("First", "Then", "Next")  # open the steps in order; the last step opens with "Finally"
+HIDDEN = 64  # model width (28 layers, 4 heads, 2 KV heads, MLP 4x)
 
 NAMES = {
     "She": ["Ava", "Mia", "Lily", "Emma", "Zoe", "Nora", "Ella", "Ruby", "Sara", "Anna"],
@@ -49,31 +57,32 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# SFT settings measured to give partial accuracy on the toy task in a couple of CPU minutes (see sft.py).
-TOY_SFT = dict(epochs=3, lr=1e-3, batch_size=32, warmup_ratio=0.05, weight_decay=0.0, max_length=128)
+# SFT settings for the toy (measured: about 2 CPU-minutes on one thread, 20-30% greedy test accuracy).
+TOY_SFT = dict(epochs=2, lr=3e-3, batch_size=16, warmup_ratio=0.05, weight_decay=0.0, max_length=192)
 
 
 # ---- problems ---------------------------------------------------------------------------------
 
 
 def make_problem(rng: random.Random) -> dict:
-    """One problem as a record: id left empty, problem text, answer, CoT solution, meta."""
+    """One problem as a record (id left empty): each step is a sentence opened by its cue word."""
     pronoun = rng.choice(sorted(NAMES))
     name, item = rng.choice(NAMES[pronoun]), rng.choice(ITEMS)
-    total = rng.randint(*START_RANGE)
-    clauses, lines, ops = [], [], []
-    for _ in range(rng.randint(*STEPS_RANGE)):
+    start = total = rng.randint(*START_RANGE)
+    steps = rng.randint(*STEPS_RANGE)
+    sentences, lines, ops = [], [], []
+    for cue in CUES[: steps - 1] + ("Finally",):
         n = rng.randint(*OPERAND_RANGE)
         op = rng.choice("+-")
         if not TOTAL_RANGE[0] <= (total + n if op == "+" else total - n) <= TOTAL_RANGE[1]:
             op = "-" if op == "+" else "+"  # flip to stay inside the range (operands < range width)
         new = total + n if op == "+" else total - n
-        clauses.append(rng.choice(ADD_VERBS if op == "+" else SUB_VERBS).format(n=n))
-        lines.append(f"{total} {op} {n} = {new}.")
+        verb = rng.choice(ADD_VERBS if op == "+" else SUB_VERBS).format(n=n)
+        sentences.append(f"{cue} {pronoun.lower()} {verb}.")
+        lines.append(f"{cue} {total} {op} {n} = {new}.")
         ops.append(op)
         total = new
-    actions = clauses[0] if len(clauses) == 1 else ", ".join(clauses[:-1]) + " and then " + clauses[-1]
-    problem = f"{name} has {lines[0].split()[0]} {item}. {pronoun} {actions}. How many {item} does {name} have now?"
+    problem = f"{name} has {start} {item}. {' '.join(sentences)} How many {item} does {name} have now?"
     solution = " ".join(lines) + f" The answer is \\boxed{{{total}}}."
     return {"id": "", "problem": problem, "answer": str(total), "solution": solution, "meta": {"ops": "".join(ops)}}
 
@@ -142,7 +151,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokeni
 # ---- model ------------------------------------------------------------------------------------
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int = 28) -> Qwen2ForCausalLM:
+def build_model(tokenizer, seed: int = 0, hidden_size: int = HIDDEN, num_layers: int = 28) -> Qwen2ForCausalLM:
     """A randomly initialised Qwen2 causal LM of the paper's depth at toy width."""
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -153,12 +162,17 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=hidden_size**-0.5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # GPT-2 style: blocks start near identity, the deep stack keeps its input
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.normal_(0.0, config.initializer_range / (2 * num_layers) ** 0.5)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
@@ -168,13 +182,13 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers: int
 # ---- everything -------------------------------------------------------------------------------
 
 
-def build_toy(output_dir, seed: int = 0, num_train: int = 2000, num_test: int = 200) -> dict:
+def build_toy(output_dir, seed: int = 0, num_train: int = 2000, num_test: int = 200, hidden_size: int = HIDDEN) -> dict:
     """Write `output_dir/model/` (model + tokenizer) and `output_dir/data/toy/{train,test}.jsonl`."""
     output_dir = Path(output_dir)
     splits = make_splits(seed, num_train, num_test)
     write_splits(output_dir / "data", splits)
     tokenizer = build_tokenizer(corpus(splits["train"]))
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, hidden_size=hidden_size)
     model.save_pretrained(output_dir / "model")
     tokenizer.save_pretrained(output_dir / "model")
     return {

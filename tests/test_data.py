@@ -142,16 +142,16 @@ def test_hub_id_without_datasets(monkeypatch):
 def test_hub_rows_are_mapped(monkeypatch):
     rows = [{"question": "2 + 3?", "answer": "Add them: 2+3=5.\n#### 5"}, {"problem": "4?", "answer": "4", "level": 1}]
     fake = type(sys)("datasets")
-    fake.load_dataset = lambda name, split: rows
+    fake.load_dataset = lambda path, config, split: rows if (path, config, split) == ("someone/gsm8k", "main", "train") else 1 / 0
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    first, second = load_examples("someone/gsm8k", "train")
+    first, second = load_examples("someone/gsm8k:main", "train")
     assert (first.problem, first.answer, first.solution) == ("2 + 3?", "5", "Add them: 2+3=5.")
     assert (second.answer, second.solution, second.meta) == ("4", None, {"level": 1})
 
 
 def test_dataset_kind():
     assert data.dataset_kind("gsm8k") == "gsm8k"
-    assert data.dataset_kind("openai/gsm8k") == "gsm8k"
+    assert data.dataset_kind("openai/gsm8k:main") == "gsm8k"
     assert data.dataset_kind("/data/svamp/test.jsonl") == "svamp"
 
 

@@ -38,6 +38,8 @@ def test_problems_are_correct():
         rec = synthetic.make_problem(rng)
         check_solution(rec)
         assert rec["problem"].endswith("have now?")
+        cues = re.findall(r"(First|Then|Next|Finally) [a-z]+ ", rec["problem"])  # one sentence per step
+        assert cues == re.findall(r"(First|Then|Next|Finally) \d", rec["solution"]) and cues[-1] == "Finally"
 
 
 def test_splits_are_seeded_and_disjoint():

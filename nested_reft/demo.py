@@ -1,0 +1,288 @@
+"""The demo: the whole Nested-ReFT pipeline on the embedded toy task, on CPU, in about ten minutes.
+
+Builds the toy task (data, tokenizer, 28-layer Qwen2 model), runs the SFT warm-up once, then RL from that
+checkpoint: the baseline (x = 0, b = 0, m = base) and Nested-ReFT at x = 0.15 (U = 4 of 28 layers, b = 1)
+with each mitigation; evaluates the SFT checkpoint and every RL run on the held-out toy problems; prints
+and writes a comparison table (results.md, results.json) and figures (PNG) into the output directory.
+
+Choices:
+- It is a sweep (sweep.py) with a one-ratio grid, so a rerun with the same options skips what is finished
+  and resumes what is not; `report.py` computes the deltas. demo.json records the options, and another
+  option set in the same directory is an error rather than a silent mix of results.
+- The RL settings for the toy are `TOY_RL` (configs/toy.yaml holds the same values for `nested-reft train`;
+  a test keeps them equal); SFT uses `synthetic.TOY_SFT`. Fixed-length rollouts (min = max new tokens)
+  as in the paper, long enough for the longest toy solution, so every run generates the same tokens and
+  token speed compares the cost of producing them.
+- The RL runs train in lockstep (sweep.py: one step of each in turn), so that other load on the machine
+  falls on all of them alike and their token speeds compare fairly.
+- torch uses `threads` CPU threads (default 1): the toy model's matrices are too small to gain from more,
+  and on a machine shared with other work extra threads oversubscribe the cores (measured: several
+  times slower). The demo's wall time, the machine and the thread count are recorded in results.json.
+- `--quick` is a tiny preset (a minute) that runs every stage for tests, with no claim about results.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from nested_reft.config import MITIGATIONS
+
+MODEL_LABEL = "toy-28L"
+# RL hyperparameters of the toy task (mirrored in configs/toy.yaml).
+TOY_RL = dict(num_generations=8, max_new_tokens=64, min_new_tokens=64, temperature=1.0, top_p=1.0, steps=12,
+              batch_size=8, micro_batch_size=8, rollout_batch_size=8, lr=5e-5, lr_scheduler="constant",
+              warmup_ratio=0.0, loss_type="bnpo", beta=0.0, save_steps=4, keep_checkpoints=1)
+TOY_EVAL = dict(benchmarks=["toy"], split="test", temperature=0.6, top_p=0.95, max_new_tokens=80, batch_size=100)
+QUICK = dict(num_train=48, num_test=16, steps=2, sft_epochs=1, rl=dict(batch_size=2, micro_batch_size=2,
+             rollout_batch_size=2, num_generations=4, max_new_tokens=12, min_new_tokens=12, save_steps=1),
+             eval=dict(max_new_tokens=12))
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    output_dir: str = "runs/demo"  # everything goes here
+    seed: int = 0  # toy task, weights, SFT order, RL sampling
+    num_train: int = 2000  # toy training problems (SFT and RL prompts)
+    num_test: int = 200  # held-out toy problems
+    eval_limit: int | None = None  # evaluate on the first N test problems (None: all)
+    steps: int = TOY_RL["steps"]  # RL steps per run
+    skip_ratio: float = 0.15  # x of the nested runs
+    mitigations: list = dataclasses.field(default_factory=lambda: list(MITIGATIONS))
+    sft_epochs: int | None = None  # None: synthetic.TOY_SFT's
+    threads: int = 1  # torch CPU threads
+    quick: bool = False  # tiny preset for tests (overrides the sizes above)
+
+
+def check(cfg: DemoConfig) -> None:
+    """Raise ValueError naming the first bad option."""
+    for name in ("num_train", "num_test", "steps", "threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"demo: --{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise ValueError(f"demo: --eval-limit must be >= 1, got {cfg.eval_limit}")
+    if cfg.sft_epochs is not None and cfg.sft_epochs < 1:
+        raise ValueError(f"demo: --sft-epochs must be >= 1, got {cfg.sft_epochs}")
+    if not 0 < cfg.skip_ratio <= 0.5:
+        raise ValueError(f"demo: --skip-ratio must be in (0, 0.5], got {cfg.skip_ratio}")
+    bad = [m for m in cfg.mitigations if m not in MITIGATIONS]
+    if bad or not cfg.mitigations or len(set(cfg.mitigations)) != len(cfg.mitigations):
+        raise ValueError(f"demo: --mitigations must be distinct values of {', '.join(MITIGATIONS)}, got {cfg.mitigations}")
+
+
+def apply_quick(cfg: DemoConfig) -> DemoConfig:
+    if not cfg.quick:
+        return cfg
+    return dataclasses.replace(cfg, num_train=QUICK["num_train"], num_test=QUICK["num_test"], steps=QUICK["steps"],
+                               sft_epochs=QUICK["sft_epochs"])
+
+
+def sweep_spec(cfg: DemoConfig):
+    """The demo as a one-ratio sweep over the toy task."""
+    from nested_reft.sweep import SweepSpec
+    from nested_reft.synthetic import TOY_SFT
+
+    out = Path(cfg.output_dir)
+    rl = {**TOY_RL, "steps": cfg.steps, "seed": cfg.seed, **(QUICK["rl"] if cfg.quick else {})}
+    sft = {**TOY_SFT, "seed": cfg.seed, **({"epochs": cfg.sft_epochs} if cfg.sft_epochs else {})}
+    ev = {**TOY_EVAL, "seed": cfg.seed, "limit": cfg.eval_limit, **(QUICK["eval"] if cfg.quick else {})}
+    return SweepSpec(output_dir=str(out), models={MODEL_LABEL: str(out / "toy" / "model")}, datasets=["toy"],
+                     data_dir=str(out / "toy" / "data"), skip_ratios=[cfg.skip_ratio], mitigations=list(cfg.mitigations),
+                     baseline=True, train=rl, sft=sft, eval=ev, lockstep=True, threads=cfg.threads,
+                     toy={"output_dir": str(out / "toy"), "seed": cfg.seed, "num_train": cfg.num_train, "num_test": cfg.num_test})
+
+
+def claim_output_dir(cfg: DemoConfig) -> None:
+    """Write demo.json, or check that the directory holds a demo with the same options."""
+    out = Path(cfg.output_dir)
+    path = out / "demo.json"
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "threads")}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != options:
+            diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in options.items() if old.get(k) != v)
+            raise ValueError(f"demo: {out} holds a demo with other options ({diff}); use another --output-dir or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(options, indent=2) + "\n")
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(cfg: DemoConfig, rep: dict, wall_s: float) -> dict:
+    """results.json: the SFT checkpoint, one row per RL run (deltas to the baseline), machine, timing."""
+    import torch
+
+    out = Path(cfg.output_dir)
+    sft_dir = out / "sft" / f"{MODEL_LABEL}__toy"
+    sft_eval, sft_summary = read_json(sft_dir / "eval" / "summary.json"), read_json(sft_dir / "sft_summary.json")
+    by_run = {d["run"]: d for d in rep["deltas"]}
+    rows = []
+    for r in rep["runs"]:
+        d = by_run.get(r["path"], {})
+        metrics = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines() if line]
+        rows.append({"run": Path(r["path"]).name, "skip_ratio": r["skip_ratio"], "skipped_layers": r["skipped_layers"],
+                     "border": r["border"], "mitigation": r["mitigation"], "accuracy": r["accuracy"],
+                     "accuracy_abs_delta": d.get("accuracy_abs"), "token_speed": r["token_speed"],
+                     "token_speed_rel_delta": d.get("token_speed_rel"), "runtime_s": r["runtime_s"],
+                     "runtime_rel_delta": d.get("runtime_rel"),
+                     "rollout_tokens_per_s": read_json(Path(r["path"]) / "summary.json")["rollout_tokens_per_s"],
+                     "reward_per_step": [m["reward_mean"] for m in metrics]})
+    return {"options": dataclasses.asdict(cfg), "date": time.strftime("%Y-%m-%d"), "wall_s": wall_s,
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                        "python": platform.python_version(), "torch": torch.__version__},
+            "sft": {"accuracy": sft_eval and sft_eval["mean"], "runtime_s": sft_summary and sft_summary["runtime_s"],
+                    "loss_last": sft_summary and sft_summary["loss_last"], "updates": sft_summary and sft_summary["updates"]},
+            "runs": rows}
+
+
+def _f(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def table(res: dict) -> str:
+    """The comparison table (markdown; readable as plain text too)."""
+    sft = res["sft"]["accuracy"]
+    lines = ["| run | x | U | b | mitigation | acc. after SFT | acc. after RL | Δabs acc. | tokens/s | Δ tokens/s (%) "
+             "| runtime (s) | Δ runtime (%) |", "| --- | ---: | ---: | ---: | --- |" + " ---: |" * 7]
+    for r in res["runs"]:
+        kind = "baseline" if r["skip_ratio"] == 0 else "Nested-ReFT"
+        lines.append(f"| {kind} | {r['skip_ratio']:.2f} | {r['skipped_layers']} | {r['border']} | {r['mitigation']} | "
+                     f"{_f(sft, '.3f')} | {_f(r['accuracy'], '.3f')} | {_f(r['accuracy_abs_delta'], '+.3f')} | "
+                     f"{r['token_speed']:.0f} | {_f(r['token_speed_rel_delta'], '+.1f')} | {r['runtime_s']:.1f} | "
+                     f"{_f(r['runtime_rel_delta'], '+.1f')} |")
+    return "\n".join(lines)
+
+
+def verdicts(res: dict) -> list[str]:
+    """One line per claim the demo checks, with the measured numbers."""
+    base = next((r for r in res["runs"] if r["skip_ratio"] == 0), None)
+    sft = res["sft"]["accuracy"]
+    out = []
+    if base and sft is not None and base["accuracy"] is not None:
+        word = "improves" if base["accuracy"] > sft else "does NOT improve"
+        out.append(f"RL {word} the baseline's accuracy over SFT: {sft:.3f} -> {base['accuracy']:.3f} ({base['accuracy'] - sft:+.3f})")
+    for r in res["runs"]:
+        if r["skip_ratio"] > 0 and r["token_speed_rel_delta"] is not None:
+            word = "above" if r["token_speed_rel_delta"] > 0 else "NOT above"
+            out.append(f"{r['mitigation']:9} x={r['skip_ratio']:.2f}: token speed {word} the baseline's "
+                       f"({r['token_speed']:.0f} vs {base['token_speed']:.0f} tokens/s, {r['token_speed_rel_delta']:+.1f}%)")
+    return out
+
+
+def markdown(res: dict, figures: list[str]) -> str:
+    o = res["options"]
+    m = res["machine"]
+    head = [f"# Nested-ReFT demo ({res['date']})", "",
+            f"Toy task: {o['num_train']} train / {o['num_test']} test problems, 28-layer Qwen2 model; "
+            f"SFT ({res['sft']['updates']} updates, {_f(res['sft']['runtime_s'], '.0f')} s), then {o['steps']} RL steps per run. "
+            f"Wall time {res['wall_s']:.0f} s on {m['cpus']} CPUs ({m['torch_threads']} torch threads), {m['platform']}.", "",
+            table(res), "", *[f"- {v}" for v in verdicts(res)], ""]
+    return "\n".join(head + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""])
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+
+def plot(res: dict, out: Path) -> list[str]:
+    """demo_results.png (accuracy, token speed, runtime per run) and demo_reward.png (reward per step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nested_reft.report import COLORS
+
+    runs = res["runs"]
+    names = ["baseline" if r["skip_ratio"] == 0 else f"x={r['skip_ratio']:.2f}\n{r['mitigation']}" for r in runs]
+    colors = ["black" if r["skip_ratio"] == 0 else COLORS.get(r["mitigation"], "gray") for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    sft = res["sft"]["accuracy"]
+    acc = [100 * (r["accuracy"] or 0) for r in runs]
+    axes[0].bar(names, acc, color=colors)
+    if sft is not None:
+        axes[0].axhline(100 * sft, color="gray", linestyle="--", label=f"after SFT ({100 * sft:.1f}%)")
+        axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set(title="Accuracy after RL (held-out toy problems)", ylabel="pass@1 accuracy (%)")
+    for ax, key, title, ylabel in ((axes[1], "token_speed", "Token speed (higher is better)", "tokens processed / RL runtime (tokens/s)"),
+                                   (axes[2], "runtime_s", "RL runtime (lower is better)", "runtime (s)")):
+        values = [r[key] for r in runs]
+        ax.bar(names, values, color=colors)
+        base = values[0] if runs and runs[0]["skip_ratio"] == 0 else None
+        for i, v in enumerate(values):
+            label = f"{v:.4g}" if base is None or i == 0 else f"{v:.4g}\n({100 * (v - base) / base:+.1f}%)"
+            ax.annotate(label, (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        ax.set(title=title, ylabel=ylabel)
+        ax.margins(y=0.2)
+    for i, v in enumerate(acc):
+        axes[0].annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    axes[0].set_ylim(0, max(acc + [100 * (sft or 0), 5]) * 1.25)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Nested-ReFT demo: baseline (x = 0) vs Nested-ReFT (U = {runs[-1]['skipped_layers']} of 28 layers skipped)", fontsize=11)
+    fig.tight_layout()
+    paths = [out / "demo_results.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r, name, color in zip(runs, names, colors):
+        rewards = r["reward_per_step"]
+        steps = range(1, len(rewards) + 1)
+        ax.plot(steps, rewards, color=color, alpha=0.25, linewidth=1)
+        ax.plot(steps, moving_average(rewards, 4), color=color, linewidth=2, label=name.replace("\n", " "))
+    ax.set(title="Training reward per RL step (faint: raw; solid: mean of the last 4 steps)", xlabel="RL step",
+           ylabel="mean reward of the step's rollouts (fraction correct)", ylim=(0, None))
+    ax.title.set_fontsize(10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "demo_reward.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return [str(p) for p in paths]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at every position (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+# ---- the whole thing --------------------------------------------------------------------------
+
+
+def run_demo(cfg: DemoConfig, log=None) -> dict:
+    """Run (or continue) the demo; returns results.json's content (also written with results.md, PNGs)."""
+    import torch
+
+    from nested_reft.report import build_report
+    from nested_reft.sweep import run_sweep
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check(cfg)
+    cfg = apply_quick(cfg)
+    torch.set_num_threads(cfg.threads)
+    spec = sweep_spec(cfg)
+    claim_output_dir(cfg)
+    start = time.perf_counter()
+    rows = run_sweep(spec, log=log)
+    failed = [r for r in rows if str(r.get("result", "")).startswith("failed")]
+    if failed:
+        raise RuntimeError("demo: " + "; ".join(f"{r['name']} {r['result']}" for r in failed))
+    out = Path(cfg.output_dir)
+    rep = build_report([out], figures=False)
+    res = collect(cfg, rep, time.perf_counter() - start)
+    res["figures"] = plot(res, out)
+    res["table"] = table(res)
+    res["verdicts"] = verdicts(res)
+    (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(res, res["figures"]))
+    return res
