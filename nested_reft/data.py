@@ -9,7 +9,9 @@ Choices:
 - Answers are kept exactly as stored ("51", "\\frac{1}{2}"); the reward compares them mathematically.
 - Prompts use the tokenizer's chat template with a system instruction to reason step by step and box
   the answer; tokenizers without one get a plain text template.
-- SFT targets are a chain of thought that ends with the answer in `\\boxed{}`, built per data set.
+- SFT targets are a chain of thought that ends with the answer in `\\boxed{}`, built per data set:
+  GSM8K without its `<<calc>>` marks; SVAMP from its equation ("76 - 25 = 51."); MATH and the toy task
+  as stored (a boxed answer is appended where the solution has no `\\boxed{...}`).
 """
 
 import json
@@ -194,7 +196,7 @@ def _num(x: float) -> str:
 
 
 def _svamp_steps(tokens: list[str], steps: list[str]) -> float:
-    """Evaluate an SVAMP prefix-free infix equation ("( ( 13.0 + 15.0 ) / 28.0 )"), one line per op."""
+    """Evaluate a fully parenthesised SVAMP equation ("( ( 13.0 + 15.0 ) / 28.0 )"), one line per op."""
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
     def operand() -> float:
@@ -220,15 +222,19 @@ def _svamp_steps(tokens: list[str], steps: list[str]) -> float:
 
 
 def svamp_target(equation: str, answer: str) -> str:
-    """'( 76.0 - 25.0 )', '51' -> '76 - 25 = 51. The answer is \\boxed{51}.'"""
+    """'( 76.0 - 25.0 )', '51' -> '76 - 25 = 51. The answer is \\boxed{51}.' Where the equation's value is
+    not the stored answer (one upstream SVAMP record), the steps would contradict it and are left out."""
     steps: list[str] = []
     tokens = equation.split()
     try:
-        _svamp_steps(tokens, steps)
+        value = _svamp_steps(tokens, steps)
         if tokens:
             raise ValueError(f"unexpected {' '.join(tokens)!r} at the end")
+        expected = float(answer)
     except (ValueError, IndexError, ZeroDivisionError) as exc:
-        raise DataError(f"cannot read SVAMP equation {equation!r}: {exc}") from None
+        raise DataError(f"cannot read SVAMP equation {equation!r} with answer {answer!r}: {exc}") from None
+    if abs(value - expected) > 1e-6:
+        steps = []
     return " ".join(steps + [f"The answer is \\boxed{{{answer}}}."])
 
 
@@ -247,6 +253,6 @@ def sft_target(example: Example, dataset: str) -> str:
         return gsm8k_target(example.solution, example.answer)
     if kind == "svamp":
         return svamp_target(example.solution, example.answer)
-    if "\\boxed" in example.solution or "\\fbox" in example.solution:
+    if "\\boxed{" in example.solution or "\\fbox{" in example.solution:
         return example.solution.strip()  # MATH / math12k, toy
     return f"{example.solution.strip()}\nThe answer is \\boxed{{{example.answer}}}."

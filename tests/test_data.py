@@ -198,6 +198,10 @@ def test_svamp_target_from_equation():
     assert data.svamp_target("8.0", "8") == "The answer is \\boxed{8}."
     with pytest.raises(DataError, match="SVAMP equation"):
         data.svamp_target("( 1.0 + 2.0", "3")
+    with pytest.raises(DataError, match="SVAMP equation"):
+        data.svamp_target("( 1.0 + 2.0 )", "three")
+    # an upstream record whose equation does not give its answer: no contradicting steps
+    assert data.svamp_target("( ( 4.0 - 2.0 ) + 3.0 )", "1") == "The answer is \\boxed{1}."
 
 
 def test_math_target_keeps_boxed_solution():
@@ -205,6 +209,8 @@ def test_math_target_keeps_boxed_solution():
     assert sft_target(ex, "math12k") == ex.solution
     unboxed = ex._replace(solution="Add the fractions.")
     assert sft_target(unboxed, "math12k").endswith("\\boxed{\\frac{5}{6}}.")
+    braceless = ex._replace(solution="So the sum is $\\boxed 2$.", answer="2")  # two such math12k records
+    assert sft_target(braceless, "math12k") == "So the sum is $\\boxed 2$.\nThe answer is \\boxed{2}."
 
 
 def test_target_without_solution_is_an_error():
