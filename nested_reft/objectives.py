@@ -325,8 +325,14 @@ def policy_loss(
     return loss, metrics
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   banned: torch.Tensor | None = None, banned_until: int = 0) -> torch.Tensor:
     """log softmax(logits / T) gathered at labels: [N, L, V], [N, L] -> float32 [N, L].
+
+    The ids in `banned` [K] get probability 0 at positions t < banned_until, as the sampler does with
+    EOS before `min_new_tokens`: the scored distribution is then the one sampled from, so a policy
+    scoring its own samples gets exactly the sampler's log-probs (importance weights 1 when nothing is
+    skipped) instead of the unsuppressed ones, which differ by log(1 - p(EOS)).
 
     Works one sequence at a time (a [L, V] float32 copy at most, never a full [N, L, V]
     log_softmax), with the softmax in float32 even for bf16/fp16 logits. Differentiable. labels
@@ -345,6 +351,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         row = row_logits.to(dtype)
         if temperature != 1.0:
             row = row / temperature
+        if banned is not None and banned.numel() and banned_until > 0:
+            row = torch.cat([row[:banned_until].index_fill(-1, banned.to(row.device), float("-inf")), row[banned_until:]])
         selected = row.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1)  # [L]
         rows.append(selected - torch.logsumexp(row, dim=-1))  # [L]
     if not rows:

@@ -206,7 +206,7 @@ def generate(
         with skip_layers(model, skip):
             tokens, cmask, logps = (t.clone() for t in _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms))
             if cfg.logprobs == "recompute":
-                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature)
+                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature, None, eos, cfg.min_new_tokens)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
@@ -216,11 +216,13 @@ def generate(
 
 def sequence_logprobs(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-    batch_size: int | None = None,
+    batch_size: int | None = None, eos_token_id=None, min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Teacher-forced log pi(y_l | s_l) of the completion tokens, [N, L] float32, with the same
-    temperature scaling as sampling (T = 0, greedy, scores with T = 1). Runs with grad if grad is
-    enabled (the trainer's policy pass)."""
+    temperature scaling as sampling (T = 0, greedy, scores with T = 1) and, given `eos_token_id`, the
+    same EOS suppression before `min_new_tokens`. Runs with grad if grad is enabled (the trainer's
+    policy pass)."""
+    banned = _eos_tensor(eos_token_id, prompt_ids.device) if min_new_tokens > 0 else None
     ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -231,6 +233,6 @@ def sequence_logprobs(
         logits = model(input_ids=ids[i:i + step], attention_mask=mask[i:i + step],
                        position_ids=positions[i:i + step], use_cache=False,
                        logits_to_keep=length + 1).logits[:, :-1]  # [n, L, V]: position t predicts t+1
-        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0))
+        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0, banned, min_new_tokens))
     return torch.cat(chunks, dim=0)
 

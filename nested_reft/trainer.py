@@ -214,7 +214,7 @@ def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
     gens = sampling_generators(cfg, step, local_positions(run))
     if len(gens) != len(prompts):
         raise ValueError(f"do_rollouts expects this process's {len(gens)} prompts, got {len(prompts)}")
-    eos = policy.generation_config.eos_token_id or run.tokenizer.eos_token_id
+    eos = eos_ids(run)
     parts = []
     with acc.autocast():
         for i in range(0, len(prompts), cfg.rollout_batch_size):
@@ -258,11 +258,17 @@ def score(run: Run, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
     return torch.tensor(math_reward(texts, answers, alts), dtype=torch.float32)
 
 
-def score_logprobs(model, rollout: Rollout, temperature: float, micro_rows: int) -> torch.Tensor:
-    """Teacher-forced full-depth log-probs [B*G, L] without grad (pi_old or the reference)."""
-    with torch.no_grad():
-        return sequence_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                 rollout.completion_mask, temperature, batch_size=micro_rows)
+def eos_ids(run: Run):
+    """The EOS id(s) the sampler stops at (and suppresses before min_new_tokens)."""
+    return run.accelerator.unwrap_model(run.model).generation_config.eos_token_id or run.tokenizer.eos_token_id
+
+
+def full_logprobs(run: Run, model, rollout: Rollout, rows: slice = slice(None), batch_size=None) -> torch.Tensor:
+    """Teacher-forced full-depth log-probs [rows, L] of the rollout's completions under `model`, scored
+    on the distribution the sampler used (temperature, EOS suppressed before min_new_tokens)."""
+    return sequence_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
+                             rollout.completion_mask[rows], run.cfg.temperature, batch_size, eos_ids(run),
+                             run.cfg.min_new_tokens)
 
 
 def global_sum(acc, value: float) -> float:
@@ -290,8 +296,7 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, h, ref_lp) -> tuple[f
         for k, i in enumerate(starts):
             sl = slice(i, i + rows)
             with (nullcontext() if k == len(starts) - 1 else acc.no_sync(run.model)), acc.autocast():
-                lp = sequence_logprobs(run.model, rollout.prompt_ids[sl], rollout.prompt_mask[sl],
-                                       rollout.completion_ids[sl], rollout.completion_mask[sl], cfg.temperature)
+                lp = full_logprobs(run, run.model, rollout, sl)
                 loss, extra = policy_loss(lp, old_lp[sl] if cfg.num_iterations > 1 else None, advantages[sl], h[sl],
                                           rollout.completion_mask[sl], cfg.loss_type, cfg.max_new_tokens,
                                           cfg.epsilon, None, None if ref_lp is None else ref_lp[sl], cfg.beta)
@@ -328,9 +333,9 @@ def rl_step(run: Run, step: int) -> dict:
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
     t1 = time.perf_counter()
     micro_rows = cfg.micro_batch_size * cfg.num_generations
-    with acc.autocast():
-        old_lp = score_logprobs(acc.unwrap_model(run.model), rollout, cfg.temperature, micro_rows)
-        ref_lp = None if run.ref_model is None else score_logprobs(run.ref_model, rollout, cfg.temperature, micro_rows)
+    with acc.autocast(), torch.no_grad():
+        old_lp = full_logprobs(run, acc.unwrap_model(run.model), rollout, batch_size=micro_rows)
+        ref_lp = None if run.ref_model is None else full_logprobs(run, run.ref_model, rollout, batch_size=micro_rows)
     h, hm = importance_weights(old_lp, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
                                cfg.lam, cfg.is_level)
     run.model.train()

@@ -50,6 +50,22 @@ def test_sampled_logprobs_equal_teacher_forced_nested_pass(qwen):
     torch.testing.assert_close(re.behavior_logprobs, r.behavior_logprobs, rtol=0, atol=1e-4)
 
 
+def test_teacher_forced_logprobs_suppress_eos_like_the_sampler(qwen):
+    """Fixed length (EOS suppressed before min_new_tokens): scoring with the same suppression gives the
+    sampled log-probs; scoring the unsuppressed softmax gives less by log(1 - p(EOS))."""
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=12, min_new_tokens=12)
+    r = generate(qwen, PROMPTS, 4, cfg, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    args = (qwen, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0)
+    with torch.no_grad():
+        same = sequence_logprobs(*args, eos_token_id=EOS, min_new_tokens=12)
+        plain = sequence_logprobs(*args)
+    torch.testing.assert_close(same, r.behavior_logprobs, rtol=0, atol=1e-4)
+    assert bool((plain < same - 1e-7).all())
+    re = generate(qwen, PROMPTS, 4, SamplingConfig(temperature=1.0, max_new_tokens=12, min_new_tokens=12,
+                  logprobs="recompute"), EOS, PAD, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(re.behavior_logprobs, r.behavior_logprobs, rtol=0, atol=1e-4)
+
+
 def test_left_padding_does_not_change_a_prompts_completion(qwen):
     batch = generate(qwen, PROMPTS, 1, greedy(), None, PAD, skip=(0,))
     for row, prompt in enumerate(PROMPTS):

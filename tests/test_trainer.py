@@ -6,7 +6,6 @@ import torch
 
 from nested_reft import trainer
 from nested_reft.config import ConfigError, TrainConfig
-from nested_reft.rollout import sequence_logprobs
 
 
 def small_cfg(toy_dir, out, **kw):
@@ -38,23 +37,40 @@ def test_one_rl_step_changes_the_parameters(toy_dir, tmp_path, alternating_rewar
     assert m["tokens_generated"] == 4 * 4 * 8 and m["h_max"] <= 1.0 + 1e-6 and not m["skipped_update"]
 
 
-def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, alternating_rewards):
+def reference_logprobs(model, rollout, eos: int, min_new_tokens: int) -> torch.Tensor:
+    """log pi(y_l | s_l) [N, L] written out by hand: one full forward, EOS at -inf before min_new_tokens."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    length, p = rollout.completion_ids.size(1), rollout.prompt_ids.size(1)
+    logits = logits[:, p - 1:p - 1 + length].float()  # [N, L, V]: the logits that predicted each completion token
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    banned[:, :min_new_tokens, eos] = True
+    logp = logits.masked_fill(banned, float("-inf")).log_softmax(-1)
+    return logp.gather(-1, rollout.completion_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("min_new_tokens", [0, 8])
+def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, alternating_rewards, min_new_tokens):
     """x = 0, b = 0, m = base: h = 1 to rounding and the accumulated gradient equals plain GRPO's,
-    computed here independently on the whole batch in one pass."""
-    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", min_new_tokens=0, max_grad_norm=0.0))  # no clipping
+    computed here independently on the whole batch in one pass. With min_new_tokens = max_new_tokens
+    (fixed length, EOS suppressed while sampling) the policy is scored on the same EOS-free distribution."""
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", min_new_tokens=min_new_tokens, max_grad_norm=0.0))
     cfg = run.cfg
     prompts = trainer.local_prompts(run, 0)
     rollout = trainer.do_rollouts(run, prompts, (), 0)
     rewards = trainer.score(run, prompts, rollout)
-    old = trainer.score_logprobs(run.model, rollout, 1.0, 8)
+    with torch.no_grad():
+        old = trainer.full_logprobs(run, run.model, rollout, batch_size=8)
     h, hm = trainer.importance_weights(old, rollout.behavior_logprobs, rollout.completion_mask, "base")
     mask = rollout.completion_mask
     assert torch.allclose(h[mask.bool()], torch.ones(int(mask.sum())), atol=1e-4)
-    assert abs(hm["log_ratio_mean"]) < 1e-5
+    assert abs(hm["log_ratio_mean"]) < 1e-5 and hm["h_min"] > 1 - 1e-4
     adv = trainer.group_advantages(rewards, cfg.num_generations)
     # reference: -(1/T) sum_l A_i log pi(y_l) over all completion tokens of the batch
     run.model.zero_grad()
-    lp = sequence_logprobs(run.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, mask)
+    lp = reference_logprobs(run.model, rollout, run.tokenizer.eos_token_id, min_new_tokens)
+    torch.testing.assert_close(lp.detach() * mask, old * mask, rtol=0, atol=1e-5)
     (-(adv[:, None] * lp * mask).sum() / mask.sum()).backward()
     ref = {k: p.grad.clone() for k, p in run.model.named_parameters() if p.grad is not None}
     run.model.zero_grad()
