@@ -132,35 +132,40 @@ def _run_toy(args) -> int:
 # ---- sft --------------------------------------------------------------------------------------
 
 
+def _add_config_parser(sub, name: str, cls, func, **kwargs):
+    """A subcommand whose flags are the fields of the dataclass `cls`, plus `--config` YAML (flags win)."""
+    from nested_reft.config import add_arguments
+
+    p = sub.add_parser(name, **kwargs)
+    p.add_argument("--config", help=f"YAML file of {cls.__name__} fields (flags win)")
+    add_arguments(p, cls)
+    p.set_defaults(func=func, config_class=cls)
+    return p
+
+
+def _resolve_config(args):
+    """The dataclass of a `_add_config_parser` subcommand: defaults < YAML < typed flags."""
+    from nested_reft.config import ConfigError, resolve
+
+    try:
+        return resolve(args.config_class, args.config, vars(args))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _add_sft(sub) -> None:
-    p = sub.add_parser("sft", help="SFT warm-up on (prompt, chain-of-thought); writes an HF checkpoint")
-    p.add_argument("--model", help="model directory or hub id")
-    p.add_argument("--dataset", help="data set name under --data-dir, a .jsonl file, or a hub id")
-    p.add_argument("--data-dir", help="data root (default: $NESTED_REFT_DATA)")
-    p.add_argument("--split", help="split to train on (default train)")
-    p.add_argument("--output-dir", help="checkpoint directory (written atomically)")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 2)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-5)")
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch (default 8)")
-    p.add_argument("--grad-accum-steps", type=int, help="micro-batches per update (default 1)")
-    p.add_argument("--max-length", type=int, help="prompt + target tokens (default 1024)")
-    p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt template (default auto)")
-    p.add_argument("--seed", type=int, help="shuffling seed (default 0)")
-    p.add_argument("--limit", type=int, help="use only the first N examples")
-    p.add_argument("--collective-timeout-s", type=int,
-                   help="with several processes: seconds before a stalled collective (dead peer) aborts (default 600)")
+    from nested_reft.sft import SFTConfig
+
+    p = _add_config_parser(sub, "sft", SFTConfig, _run_sft,
+                           help="SFT warm-up on (prompt, chain-of-thought); writes an HF checkpoint")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=_run_sft)
 
 
 def _run_sft(args) -> int:
-    from dataclasses import fields
+    from nested_reft.sft import run_sft
 
-    from nested_reft.sft import SFTConfig, run_sft
-
-    given = {f.name: getattr(args, f.name) for f in fields(SFTConfig) if getattr(args, f.name, None) is not None}
     try:
-        summary = run_sft(SFTConfig(**given))
+        summary = run_sft(_resolve_config(args))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     if int(os.environ.get("RANK", "0")) != 0:  # several processes (torchrun / accelerate launch): print once
@@ -178,26 +183,20 @@ def _run_sft(args) -> int:
 
 
 def _add_train(sub) -> None:
-    from nested_reft.config import TrainConfig, add_arguments
+    from nested_reft.config import TrainConfig
 
-    p = sub.add_parser("train", help="the Nested-ReFT RL stage (Algorithm 1, step 2)",
+    _add_config_parser(sub, "train", TrainConfig, _run_train, help="the Nested-ReFT RL stage (Algorithm 1, step 2)",
                        description="GRPO with rollouts from a freshly drawn nested model every step. "
                                    "Flags override the YAML given with --config.")
-    p.add_argument("--config", help="YAML file of TrainConfig fields (flags win)")
-    add_arguments(p, TrainConfig)
-    p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
-    from nested_reft.config import ConfigError, TrainConfig, resolve
+    from nested_reft.config import ConfigError
     from nested_reft.trainer import CollectiveError, setup, train
 
+    cfg = _resolve_config(args)
     try:
-        cfg = resolve(TrainConfig, args.config, vars(args))
         run = setup(cfg)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from exc
-    try:
         summary = train(cfg, run)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
@@ -216,36 +215,18 @@ def _run_train(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="pass@k on math benchmarks (per benchmark and the unweighted mean)")
-    p.add_argument("--model", required=True, help="model directory or hub id")
-    p.add_argument("--benchmarks", nargs="+", help="names under --data-dir or .jsonl files "
-                   "(default: aime24 amc math500 minerva olympiadbench)")
-    p.add_argument("--data-dir", help="data root (default: $NESTED_REFT_DATA)")
-    p.add_argument("--split", help="split of every benchmark (default test)")
-    p.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    p.add_argument("--k", type=int, help="pass@k (default 1)")
-    p.add_argument("--num-samples", type=int, help="n >= k completions per problem, unbiased pass@k (default k)")
-    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, help="completion budget, capped to the model's context (default 32768)")
-    p.add_argument("--batch-size", type=int, help="prompts per generation call (default 8)")
-    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    p.add_argument("--template", choices=["auto", "chat", "plain"], help="prompt template (default auto)")
-    p.add_argument("--output-dir", help="write samples.jsonl and summary.json here")
-    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default auto (bf16 on CUDA)")
+    from nested_reft.evaluate import EvalConfig
+
+    p = _add_config_parser(sub, "eval", EvalConfig, _run_eval,
+                           help="pass@k on math benchmarks (per benchmark and the unweighted mean)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    p.set_defaults(func=_run_eval)
 
 
 def _run_eval(args) -> int:
-    from dataclasses import fields
+    from nested_reft.evaluate import format_table, run_eval
 
-    from nested_reft.evaluate import EvalConfig, format_table, run_eval
-
-    given = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if getattr(args, f.name, None) is not None}
     try:
-        summary = run_eval(EvalConfig(**given))
+        summary = run_eval(_resolve_config(args))
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     if args.json:

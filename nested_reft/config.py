@@ -54,7 +54,8 @@ def add_arguments(parser, cls, skip=()) -> None:
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         base = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{help_text} (default: {default})"
+        if "default" not in help_text and default not in ("", None):
+            help_text = f"{help_text} (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, default=None, type=_parse_bool, metavar="{true,false}",
                                 help=help_text)

@@ -21,12 +21,13 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from nested_reft.config import doc
 from nested_reft.data import Example, encode_prompt, load_examples, resolve_template
 from nested_reft.rewards import extract_answer, math_reward
 from nested_reft.rollout import SamplingConfig, generate
@@ -36,23 +37,23 @@ PAPER_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")
 
 @dataclass
 class EvalConfig:
-    model: str = ""  # model directory or hub id (only run_eval loads it; evaluate() takes a model)
-    benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))  # names, or .jsonl paths
-    data_dir: str | None = None  # shared data layout root; None = $NESTED_REFT_DATA
-    split: str = "test"  # split of every benchmark
-    limit: int | None = None  # only the first N problems of each benchmark
-    k: int = 1  # pass@k
-    num_samples: int | None = None  # n completions per problem (n >= k); None = k
-    temperature: float = 0.6  # sampling temperature; 0 = greedy
-    top_p: float = 0.95  # nucleus sampling mass
-    max_new_tokens: int = 32768  # completion budget (capped to the model's context)
-    batch_size: int = 8  # prompts per generation call (each with n completions)
-    seed: int = 0  # seeds the sampling generator of every benchmark
-    template: str = "auto"  # prompt template: auto (chat if the tokenizer has one), chat, plain
-    output_dir: str | None = None  # writes samples.jsonl and summary.json here; None = write nothing
-    device: str = "auto"  # run_eval only: auto, cpu, cuda
-    dtype: str = "auto"  # run_eval only: auto (bf16 on CUDA), float32, bfloat16, float16
-    progress: bool = True  # tqdm bar over problems (stderr)
+    model: str = doc("", "model directory or hub id (only run_eval loads it; evaluate() takes a model)")
+    benchmarks: list[str] = doc(list(PAPER_BENCHMARKS), "benchmark names under data_dir, or .jsonl paths")
+    data_dir: str | None = doc(None, "data root in the shared layout (default: $NESTED_REFT_DATA)")
+    split: str = doc("test", "split of every benchmark")
+    limit: int | None = doc(None, "only the first N problems of each benchmark")
+    k: int = doc(1, "pass@k")
+    num_samples: int | None = doc(None, "n >= k completions per problem for unbiased pass@k (default: k)")
+    temperature: float = doc(0.6, "sampling temperature; 0 = greedy")
+    top_p: float = doc(0.95, "nucleus sampling mass")
+    max_new_tokens: int = doc(32768, "completion budget (capped to the model's context)")
+    batch_size: int = doc(8, "prompts per generation call (each with n completions)")
+    seed: int = doc(0, "seeds the sampling generator of every benchmark")
+    template: str = doc("auto", "prompt template: auto (chat if the tokenizer has one), chat, plain")
+    output_dir: str | None = doc(None, "write samples.jsonl and summary.json here (default: write nothing)")
+    device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
+    dtype: str = doc("auto", "auto (bf16 on CUDA), float32, bfloat16 or float16")
+    progress: bool = doc(True, "show a progress bar over problems (stderr)")
 
     @property
     def n(self) -> int:

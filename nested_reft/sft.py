@@ -30,30 +30,32 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nested_reft.config import doc
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
 
 
 @dataclass
 class SFTConfig:
-    model: str = ""  # model directory or hub id (AutoModelForCausalLM)
-    dataset: str = ""  # data set name under data_dir, a .jsonl path, or a hub id
-    data_dir: str | None = None  # shared data layout root; None = $NESTED_REFT_DATA
-    split: str = "train"  # which split of the data set to train on
-    output_dir: str = ""  # where the HF checkpoint and sft_summary.json are written
-    epochs: int = 2  # passes over the data (the paper's E_sft = 2)
-    batch_size: int = 8  # examples per micro-batch (per process)
-    grad_accum_steps: int = 1  # micro-batches per optimizer update
-    lr: float = 1e-5  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_ratio: float = 0.03  # fraction of updates with linear warmup, then linear decay to 0
-    max_grad_norm: float = 1.0  # gradient clipping
-    max_length: int = 1024  # prompt + target tokens; longer targets are cut (counted)
-    template: str = "auto"  # prompt template: auto (chat if the tokenizer has one), chat, plain
-    seed: int = 0  # shuffling and any random init
-    limit: int | None = None  # use only the first N examples
-    bf16: bool | None = None  # bf16 autocast; None = on when CUDA supports it
-    collective_timeout_s: int = 600  # seconds before a stalled collective (dead peer process) aborts the run
-    gradient_checkpointing: bool = False  # trade compute for activation memory
+    model: str = doc("", "model directory or hub id to warm up (AutoModelForCausalLM)")
+    dataset: str = doc("", "data set name under data_dir, a .jsonl path, or a hub id")
+    data_dir: str | None = doc(None, "data root in the shared layout (default: $NESTED_REFT_DATA)")
+    split: str = doc("train", "which split of the data set to train on")
+    output_dir: str = doc("", "where the HF checkpoint and sft_summary.json are written")
+    epochs: int = doc(2, "passes over the data (the paper's E_sft = 2)")
+    batch_size: int = doc(8, "examples per micro-batch (per process)")
+    grad_accum_steps: int = doc(1, "micro-batches per optimizer update")
+    lr: float = doc(1e-5, "peak AdamW learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    warmup_ratio: float = doc(0.03, "fraction of updates with linear warmup, then linear decay to 0")
+    max_grad_norm: float = doc(1.0, "gradient clipping")
+    max_length: int = doc(1024, "prompt + target tokens; longer targets are cut (counted)")
+    template: str = doc("auto", "prompt template: auto (chat if the tokenizer has one), chat, plain")
+    seed: int = doc(0, "shuffling and any random init")
+    limit: int | None = doc(None, "use only the first N examples")
+    bf16: bool | None = doc(None, "bf16 autocast (default: on when CUDA supports it)")
+    collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
+    gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
+    progress: bool = doc(True, "show a progress bar (stderr)")
 
 
 def check_config(cfg: SFTConfig) -> None:
@@ -214,7 +216,7 @@ def train_epochs(model, accelerator, optimizer, items: list, cfg: SFTConfig, pad
     per_epoch = math.ceil(len(epoch_batches(len(items), cfg.batch_size, 0, cfg.seed, rank, world)) / cfg.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(per_epoch * cfg.epochs, cfg.warmup_ratio))
     losses, tokens, skipped = [], 0, 0
-    bar = tqdm(total=per_epoch * cfg.epochs, desc="sft", disable=not accelerator.is_main_process)
+    bar = tqdm(total=per_epoch * cfg.epochs, desc="sft", disable=not (cfg.progress and accelerator.is_main_process))
     for epoch in range(cfg.epochs):
         batches = epoch_batches(len(items), cfg.batch_size, epoch, cfg.seed, rank, world)
         for u in range(0, len(batches), cfg.grad_accum_steps):

@@ -187,3 +187,18 @@ def test_cli_model_that_does_not_load(data_dir, tmp_path, capsys):
     argv = ["eval", "--model", str(tmp_path / "missing-model"), "--benchmarks", "math500", "--data-dir", str(data_dir)]
     assert cli.main(argv) == 2
     assert "missing-model" in capsys.readouterr().err
+
+
+def test_cli_eval_config_yaml(tiny, data_dir, tmp_path, capsys):
+    yaml_file = tmp_path / "eval.yaml"
+    yaml_file.write_text(f"model: {tiny[2]}\nbenchmarks: [math500]\ndata_dir: {data_dir}\nlimit: 1\n"
+                         "max_new_tokens: 3\ntemperature: 0.0\nprogress: false\n")
+    assert cli.main(["eval", "--config", str(yaml_file), "--limit", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["benchmarks"]["math500"]["num_problems"] == 2  # the flag wins over the YAML
+    assert summary["config"]["temperature"] == 0.0
+
+
+def test_cli_eval_without_model_exits_2(data_dir, capsys):
+    assert cli.main(["eval", "--benchmarks", "math500", "--data-dir", str(data_dir)]) == 2
+    assert "`model` is required" in capsys.readouterr().err

@@ -141,3 +141,28 @@ def test_cli_sft_bad_input_exits_2(tmp_path, capsys):
     assert cli.main(args + ["--output-dir", str(tmp_path / "out")]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_sft_config_yaml_and_flags_compose(tmp_path, capsys):
+    assert cli.main(["toy", "--output-dir", str(tmp_path / "toy"), "--num-train", "8", "--num-test", "2", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    yaml_file = tmp_path / "sft.yaml"
+    yaml_file.write_text(f"model: {built['model']}\ndataset: toy\ndata_dir: {built['data_dir']}\n"
+                         f"epochs: 3\nbatch_size: 4\nlr: 1.0e-3\nprogress: false\n")
+    out = tmp_path / "sft"
+    assert cli.main(["sft", "--config", str(yaml_file), "--epochs", "1", "--output-dir", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config"]["epochs"] == 1 and summary["config"]["batch_size"] == 4  # flag wins, YAML kept
+    assert summary["updates"] == 2
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("epochs: 2\nbatch_sise: 4\n", "unknown field 'batch_sise'"),
+    ("epochs: two\n", "epochs"),
+])
+def test_cli_sft_bad_config_yaml_exits_2(tmp_path, capsys, yaml_text, message):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    assert cli.main(["sft", "--config", str(tmp_path / "bad.yaml"), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err
+    assert not (tmp_path / "out").exists()
