@@ -5,7 +5,9 @@ Choices:
   explicit position ids from the attention mask, a DynamicCache built for the model as it runs (so a
   nested model gets a cache with its own K layers), the LM head applied to the last position only.
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
-  cloned into ordinary tensors so the trainer can use them in autograd.
+  cloned into ordinary tensors so the trainer can use them in autograd. An FSDP2-sharded model decodes
+  under no_grad instead: FSDP2 all-gathers parameters into buffers it reuses, and buffers created under
+  inference_mode cannot be written outside it (the next training forward fails).
 - Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then an inverse-CDF draw:
   the token is the first whose cumulative probability exceeds u * (total mass), with one uniform u per
   row and step. The uniforms [N, L] are drawn up front, before decoding, either from one generator for
@@ -25,6 +27,10 @@ Choices:
 - EOS is suppressed until `min_new_tokens`; with min == max (the paper's 256) every completion has the
   same length. After EOS a row emits padding and its completion mask is 0 (EOS itself counts).
 - temperature == 0 is greedy decoding (log-probs then are those of log_softmax(logits)).
+- The loop stops once every row has emitted EOS. `all_done` (optional) makes that decision collective:
+  under FSDP every forward is a collective, so the trainer passes a function that all-reduces the flag and
+  every process keeps decoding (padding only) until all are done; the result is trimmed to where this
+  process's own rows finished, so it equals what the process would have produced alone.
 """
 
 import time
@@ -136,10 +142,9 @@ def _eos_tensor(eos_token_id, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-@torch.inference_mode()  # cheaper than no_grad for the many small decode ops (about 15% on CPU)
-def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms):
+def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
     """The KV-cached loop. ids/mask [N, P], uniforms [N, L] (None when greedy); returns completion ids,
-    mask and sampled log-probs [N, L]."""
+    mask and sampled log-probs [N, L]. `all_done(local_done: bool) -> bool`: see the module doc."""
     n, p = ids.shape
     full_mask = torch.cat([mask, mask.new_ones(n, cfg.max_new_tokens)], dim=1)  # [N, P+L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
@@ -150,6 +155,7 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
     logps = torch.zeros((n, cfg.max_new_tokens), dtype=torch.float32, device=ids.device)
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
     next_pos = positions[:, -1:] + 1  # [N, 1]
+    end = None  # length at which all of this process's rows were done
     for t in range(cfg.max_new_tokens):
         logits = out.logits[:, -1]  # [N, V]
         if t < cfg.min_new_tokens and eos.numel():
@@ -160,13 +166,24 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
         tokens[:, t] = tok
         logps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
         done = done | torch.isin(tok, eos)
-        if t + 1 == cfg.max_new_tokens or bool(done.all()):
-            tokens, logps = tokens[:, : t + 1], logps[:, : t + 1]
+        if end is None and bool(done.all()):
+            end = t + 1
+        finished = end is not None if all_done is None else all_done(end is not None)  # collective under FSDP
+        if t + 1 == cfg.max_new_tokens or finished:
+            tokens, logps = tokens[:, : end or t + 1], logps[:, : end or t + 1]
             break
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
                     past_key_values=cache, use_cache=True)
         next_pos = next_pos + 1
     return tokens, completion_mask(tokens, eos), logps
+
+
+def _decode_mode(model):
+    """inference_mode (cheaper than no_grad for the many small decode ops, about 15% on CPU), or no_grad
+    for an FSDP2 module (see the module doc)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return torch.no_grad() if isinstance(model, FSDPModule) else torch.inference_mode()
 
 
 def completion_mask(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -185,10 +202,12 @@ def generate(
     pad_token_id: int,
     skip: Sequence[int] = (),
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    all_done=None,
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt (token-id lists) from the model with the
     layers in `skip` bypassed. Rows are ordered prompt-major: the G completions of a prompt are adjacent.
-    `generator`: one for the batch, or one per prompt (then a prompt's samples do not depend on its batch)."""
+    `generator`: one for the batch, or one per prompt (then a prompt's samples do not depend on its batch).
+    `all_done`: a collective stop decision (FSDP; see the module doc)."""
     cfg.validate()
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
@@ -204,7 +223,9 @@ def generate(
     start = time.perf_counter()
     try:
         with skip_layers(model, skip):
-            tokens, cmask, logps = (t.clone() for t in _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms))
+            with _decode_mode(model):
+                decoded = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
+            tokens, cmask, logps = (t.clone() for t in decoded)
             if cfg.logprobs == "recompute":
                 logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature, None, eos, cfg.min_new_tokens)
     finally:

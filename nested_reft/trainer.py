@@ -25,6 +25,15 @@ Choices:
   collective (a peer died, or stalled past collective_timeout_s) raises CollectiveError on the others;
   Ctrl-C with several processes saves nothing (they may be stopped in different collectives) and the
   last periodic checkpoint is the resume point.
+- FSDP2 (`accelerate launch` with `distributed_type: FSDP` and `fsdp_version: 2`, i.e. the environment
+  ACCELERATE_USE_FSDP=true FSDP_VERSION=2): the trainer shards the model itself with torch's
+  `fully_shard`, one unit per decoder layer plus the root (embeddings, final norm, LM head), on CPU (gloo;
+  accelerate itself ignores FSDP there) and GPU alike. Rollouts run the sharded module (a skipped layer's
+  unit is simply not called); every forward is a collective, so the decode loop stops only when all
+  processes are done; gradients are reduce-scattered after every micro-batch (no `no_sync`: that would keep
+  unsharded gradients); checkpoints gather full state dicts (all processes take part, process 0 writes);
+  the finite-weights check is all-reduced. An FSDP checkpoint's optimizer.pt is keyed by parameter name
+  (torch.distributed.checkpoint's full optimizer state dict), so it resumes under FSDP only.
 """
 
 import json
@@ -70,6 +79,7 @@ class Run:
     scheduler: object
     num_layers: int
     out: Path
+    fsdp: bool = False  # model (and reference) sharded with FSDP2's fully_shard
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -121,6 +131,7 @@ def setup(cfg: TrainConfig) -> Run:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
     accelerator = make_accelerator(cfg)
+    fsdp = use_fsdp()
     model, tokenizer = _load_model(cfg.model)
     n = check_model(cfg, model)
     prompts = load_prompts(cfg, tokenizer)
@@ -134,11 +145,45 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    if fsdp:
+        shard_model(model, accelerator.device)
+        if ref_model is not None:
+            shard_model(ref_model, accelerator.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = make_scheduler(cfg, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return Run(cfg, model, tokenizer, prompts, ref_model, accelerator, optimizer, scheduler, n, Path(cfg.output_dir))
+    if not fsdp:  # accelerate's own FSDP2 preparation is GPU-only; the sharded model needs no wrapper
+        model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(cfg, model, tokenizer, prompts, ref_model, accelerator, optimizer, scheduler, n, Path(cfg.output_dir),
+               fsdp)
+
+
+def use_fsdp() -> bool:
+    """Whether the launcher asked for FSDP (accelerate's environment); only FSDP2 is supported."""
+    import torch.distributed as dist
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("FSDP: only fsdp_version: 2 (torch fully_shard) is supported, "
+                          f"got FSDP_VERSION={os.environ.get('FSDP_VERSION', '1')}")
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        raise ConfigError("FSDP: fsdp_cpu_ram_efficient_loading is not supported (every process loads the "
+                          "model, then shards it); set it to false")
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard_model(model, device) -> None:
+    """FSDP2 in place: one unit per decoder layer (gathered for its forward, resharded after), then the
+    root (embeddings, final norm, LM head; kept gathered between forward and backward)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in find_layers(model).layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -215,13 +260,14 @@ def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
     if len(gens) != len(prompts):
         raise ValueError(f"do_rollouts expects this process's {len(gens)} prompts, got {len(prompts)}")
     eos = eos_ids(run)
+    all_done = (lambda done: global_sum(acc, 0.0 if done else 1.0) == 0) if run.fsdp else None
     parts = []
     with acc.autocast():
         for i in range(0, len(prompts), cfg.rollout_batch_size):
             chunk = [p.ids for p in prompts[i:i + cfg.rollout_batch_size]]
             parts.append(generate(policy, chunk, cfg.num_generations, sampling_config(cfg), eos,
                                   run.tokenizer.pad_token_id, skip=skip,
-                                  generator=gens[i:i + cfg.rollout_batch_size]))
+                                  generator=gens[i:i + cfg.rollout_batch_size], all_done=all_done))
     return merge_rollouts(parts, run.tokenizer.pad_token_id)
 
 
@@ -283,30 +329,41 @@ def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_ro
     return mask.size(0) / total_rows  # grpo and dr_grpo average over sequences
 
 
-def update(run: Run, rollout: Rollout, advantages, old_lp, h, ref_lp) -> tuple[float, float, bool, dict]:
-    """num_iterations optimizer updates on one rollout batch; returns (loss, grad_norm, applied, metrics)."""
+def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp) -> tuple[float, float, bool, dict, dict]:
+    """num_iterations optimizer updates on one rollout batch; returns (loss, grad_norm, applied, loss
+    metrics, importance-weight metrics). old_lp [B*G, L] is pi_old's log-probs, or None when
+    num_iterations == 1: then pi_old is the policy itself before this update, and each micro-batch's
+    own forward gives its log-probs (detached), which saves a full forward pass."""
     cfg, acc = run.cfg, run.accelerator
     rows = cfg.micro_batch_size * cfg.num_generations
     world = acc.num_processes
     total_tokens = global_sum(acc, rollout.completion_mask.sum())
     total_rows = global_sum(acc, rollout.completion_ids.size(0))
-    losses, applied_all, norm, extra = [], True, 0.0, {}
-    for _ in range(cfg.num_iterations):
+    losses, applied_all, norm, extra, targets = [], True, 0.0, {}, []
+    for it in range(cfg.num_iterations):
         starts = list(range(0, rollout.completion_ids.size(0), rows))
         for k, i in enumerate(starts):
             sl = slice(i, i + rows)
-            with (nullcontext() if k == len(starts) - 1 else acc.no_sync(run.model)), acc.autocast():
-                lp = full_logprobs(run, run.model, rollout, sl)
-                loss, extra = policy_loss(lp, old_lp[sl] if cfg.num_iterations > 1 else None, advantages[sl], h[sl],
+            sync = run.fsdp or k == len(starts) - 1  # FSDP: reduce-scatter every micro-batch
+            with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
+                lp = full_logprobs(run, run.model, rollout, sl)  # [rows, L], with grad
+                target = lp.detach() if old_lp is None else old_lp[sl]
+                h, _ = importance_weights(target, rollout.behavior_logprobs[sl], rollout.completion_mask[sl],
+                                          cfg.mitigation, cfg.lam, cfg.is_level)  # row-local: same as on the batch
+                loss, extra = policy_loss(lp, None if old_lp is None else old_lp[sl], advantages[sl], h,
                                           rollout.completion_mask[sl], cfg.loss_type, cfg.max_new_tokens,
                                           cfg.epsilon, None, None if ref_lp is None else ref_lp[sl], cfg.beta)
                 scaled = loss * loss_scale(cfg.loss_type, rollout.completion_mask[sl], total_tokens, total_rows)
-                acc.backward(scaled * world)  # DDP averages over processes; undo it to get the global sum
+                acc.backward(scaled * world)  # DDP/FSDP average over processes; undo it to get the global sum
             losses.append(scaled.detach())
+            if it == 0:
+                targets.append(target)
         norm, applied = finish_update(run)
         applied_all = applied_all and applied
     loss = global_sum(acc, torch.stack(losses).sum()) / cfg.num_iterations
-    return loss, norm, applied_all, extra
+    _, hm = importance_weights(torch.cat(targets), rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
+                               cfg.lam, cfg.is_level)
+    return loss, norm, applied_all, extra, hm
 
 
 def finish_update(run: Run) -> tuple[float, bool]:
@@ -314,7 +371,7 @@ def finish_update(run: Run) -> tuple[float, bool]:
     cfg, acc = run.cfg, run.accelerator
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
-    norm = float(norm) if norm is not None else 0.0
+    norm = float(full_tensor(norm)) if norm is not None else 0.0
     bad = global_sum(acc, 0.0 if math.isfinite(norm) else 1.0)
     if bad == 0:
         run.optimizer.step()
@@ -333,13 +390,12 @@ def rl_step(run: Run, step: int) -> dict:
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
     t1 = time.perf_counter()
     micro_rows = cfg.micro_batch_size * cfg.num_generations
-    with acc.autocast(), torch.no_grad():
-        old_lp = full_logprobs(run, acc.unwrap_model(run.model), rollout, batch_size=micro_rows)
+    with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
+        old_lp = None if cfg.num_iterations == 1 else full_logprobs(run, acc.unwrap_model(run.model), rollout,
+                                                                    batch_size=micro_rows)
         ref_lp = None if run.ref_model is None else full_logprobs(run, run.ref_model, rollout, batch_size=micro_rows)
-    h, hm = importance_weights(old_lp, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
-                               cfg.lam, cfg.is_level)
     run.model.train()
-    loss, norm, applied, extra = update(run, rollout, advantages, old_lp, h, ref_lp)
+    loss, norm, applied, extra, hm = update(run, rollout, advantages, old_lp, ref_lp)
     run.scheduler.step()
     t2 = time.perf_counter()
     return step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra,
@@ -411,8 +467,40 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def full_tensor(t):
+    """A DTensor (FSDP) gathered into a plain tensor; anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def weights_finite(run: Run) -> bool:
+    """All weights finite; under FSDP each process checks its shard and the verdict is all-reduced."""
+    shards = (p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters())
+    local = all(bool(torch.isfinite(t).all()) for t in shards)
+    return global_sum(run.accelerator, 0.0 if local else 1.0) == 0 if run.fsdp else local
+
+
+def full_state(run: Run, optimizer: bool) -> tuple[dict | None, dict | None]:
+    """(model state dict, optimizer state dict or None) for process 0 to write. Under FSDP every process
+    must call this: it gathers the full state dicts to process 0's CPU (the others get empty dicts).
+    Without FSDP: (None, optimizer.state_dict()); save_pretrained reads the model itself."""
+    if not run.fsdp:
+        return None, run.optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(run.model, options=opts)
+    first = {}  # tied weights arrive as separate copies: make them one tensor again, so that
+    for name, p in run.model.named_parameters(remove_duplicate=False):  # save_pretrained drops the alias
+        if name in model_sd:
+            model_sd[name] = model_sd[first.setdefault(id(p), name)]
+    return model_sd, get_optimizer_state_dict(run.model, run.optimizer, options=opts) if optimizer else None
+
+
+def save_model(run: Run, path: Path, model_sd: dict | None) -> None:
+    """save_pretrained of the policy (safetensors) and the tokenizer; `model_sd` from full_state."""
+    run.accelerator.unwrap_model(run.model).save_pretrained(path, state_dict=model_sd, safe_serialization=True)
+    run.tokenizer.save_pretrained(path)
 
 
 def save_checkpoint(run: Run, step: int, state: dict) -> Path | None:
@@ -420,15 +508,14 @@ def save_checkpoint(run: Run, step: int, state: dict) -> Path | None:
     acc = run.accelerator
     acc.wait_for_everyone()
     final = checkpoint_dir(run.out, step)
+    if not weights_finite(run):
+        raise RuntimeError(f"refusing to checkpoint step {step}: the weights are not finite")
+    model_sd, optim_sd = full_state(run, optimizer=True)
     if acc.is_main_process:
-        policy = acc.unwrap_model(run.model)
-        if not weights_finite(policy):
-            raise RuntimeError(f"refusing to checkpoint step {step}: the weights are not finite")
         tmp = final.parent / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        torch.save(run.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model(run, tmp, model_sd)
+        torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -452,13 +539,32 @@ def load_checkpoint(run: Run, path: Path) -> dict:
     state_dict = {}
     for shard in sorted(path.glob("*.safetensors")):
         state_dict.update(load_file(shard))
-    missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    by_name = any(isinstance(k, str) for k in optim_sd.get("state", {}))  # keyed by name: written under FSDP
+    if optim_sd.get("state") and by_name != run.fsdp:
+        raise ConfigError(f"checkpoint {path} was written {'with' if by_name else 'without'} FSDP: its optimizer "
+                          f"state resumes only {'with' if by_name else 'without'} FSDP")
+    if run.fsdp:
+        missing, unexpected = load_sharded(run, state_dict, optim_sd)
+    else:
+        missing, unexpected = policy.load_state_dict(state_dict, strict=False)
+        run.optimizer.load_state_dict(optim_sd)
     missing = [k for k in missing if k not in _tied_keys(policy)]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    run.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_sharded(run: Run, model_sd: dict, optim_sd: dict) -> tuple[list[str], list[str]]:
+    """FSDP: every process keeps its shard of the full state dicts (model, then the optimizer's, keyed by
+    parameter name as full_state wrote it); returns (missing, unexpected) model keys."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    keys = set_model_state_dict(run.model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(run.model, run.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+    return list(keys.missing_keys), list(keys.unexpected_keys)
 
 
 def _tied_keys(model) -> set[str]:
@@ -632,15 +738,15 @@ def finish(run: Run, state: dict) -> dict:
         "first_reward": rewards[0] if rewards else None,
         "skipped_updates": state["skipped_updates"],
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
-        "num_layers": run.num_layers, "num_processes": acc.num_processes,
+        "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,
         "final_checkpoint": str(run.out / "final"),
     }
+    model_sd, _ = full_state(run, optimizer=False)
     if acc.is_main_process:
         final = run.out / "final"
         tmp = run.out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(run.model).save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
+        save_model(run, tmp, model_sd)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -166,3 +166,18 @@ def test_per_prompt_generators_make_a_prompts_samples_independent_of_its_batch(q
     assert len({tuple(r) for r in batch.completion_ids.tolist()}) > 3  # the G rows of a prompt differ
     with pytest.raises(ValueError, match="2 generators for 3 prompts"):
         generate(qwen, PROMPTS, 1, cfg, EOS, PAD, generator=gens(1, 2))
+
+
+def test_collective_stop_keeps_decoding_but_returns_the_same(qwen):
+    """all_done (FSDP): while another process is still decoding, this one keeps running forwards after its
+    own rows hit EOS, and still returns exactly what it returns alone."""
+    eos = sorted({int(t) for t in generate(qwen, PROMPTS, 1, greedy(1), None, PAD).completion_ids[:, 0]})
+    calls = []
+    qwen.register_forward_hook(lambda *_: calls.append(1))
+    alone = generate(qwen, PROMPTS, 1, greedy(8), eos, PAD)  # every row emits EOS first: done after 1 token
+    forwards_alone, calls[:] = len(calls), []
+    waiting = generate(qwen, PROMPTS, 1, greedy(8), eos, PAD, all_done=lambda local_done: False)
+    assert alone.completion_ids.size(1) == 1 and forwards_alone == 1  # the prefill only
+    assert len(calls) == 8  # prefill + 7 decode steps: as many as a process that never hits EOS
+    for a, b in zip(alone, waiting):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a == b or isinstance(a, float))

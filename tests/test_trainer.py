@@ -76,7 +76,8 @@ def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, a
     run.model.zero_grad()
     run.optimizer.step = lambda *a, **k: None  # keep the accumulated gradient for inspection
     run.optimizer.zero_grad = lambda *a, **k: None
-    trainer.update(run, rollout, adv, old, h, None)
+    *_, hm2 = trainer.update(run, rollout, adv, None, None)
+    assert hm2["h_min"] > 1 - 1e-4 and abs(hm2["log_ratio_mean"]) < 1e-5  # the update's own forward as pi_old
     for k, g in ref.items():
         torch.testing.assert_close(dict(run.model.named_parameters())[k].grad, g, rtol=1e-3, atol=1e-6)
 
@@ -225,3 +226,17 @@ def test_sigkill_then_resume_finishes_with_the_same_skip_sets(toy_dir, tmp_path)
     cfg = TrainConfig(model="m", skip_ratio=0.1, seed=0)
     assert [m["skip_set"] for m in metrics] == [list(trainer.step_skip_set(cfg, 28, s)) for s in range(6)]
     assert done >= 1 and (out / "final/model.safetensors").is_file()
+
+
+def test_ppo_iterations_reuse_one_rollout(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    """num_iterations = 2: pi_old is scored once before the update, the optimizer steps twice, and the
+    second pass sees a ratio pi_theta / pi_old away from 1 (so clipping can act)."""
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", num_iterations=2, skip_ratio=0.15, mitigation="retrace"))
+    steps = []
+    real_step = run.optimizer.step
+    monkeypatch.setattr(run.optimizer, "step", lambda *a, **k: (steps.append(1), real_step(*a, **k))[1])
+    before = params(run.model)
+    m = trainer.rl_step(run, 0)
+    assert len(steps) == 2 and not m["skipped_update"]
+    assert any(not torch.equal(before[k], v) for k, v in params(run.model).items())
+    assert 0 < m["h_mean"] <= 1.0 + 1e-6 and "clip_frac" in m
