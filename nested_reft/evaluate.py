@@ -54,6 +54,7 @@ class EvalConfig:
     device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
     dtype: str = doc("auto", "auto (bf16 on CUDA), float32, bfloat16 or float16")
     progress: bool = doc(True, "show a progress bar over problems (stderr)")
+    skip_layers: list[int] | None = doc(None, "evaluate the nested model with these layer indices skipped (e.g. a behaviour model); default: the full model")
 
     @property
     def n(self) -> int:
@@ -147,7 +148,7 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConf
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start:start + cfg.batch_size]
         roll = generate(model, [prompts[i] for i in chunk], cfg.n, sampling_config(cfg, budget),
-                        eos, pad, generator=generator)  # rows [B*n, L], prompt-major
+                        eos, pad, skip=tuple(cfg.skip_layers or ()), generator=generator)  # rows [B*n, L], prompt-major
         for row, (ids, mask) in enumerate(zip(roll.completion_ids.tolist(), roll.completion_mask.tolist())):
             tokens = [t for t, m in zip(ids, mask) if m]  # up to and including EOS
             out[chunk[row // cfg.n]].append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
@@ -181,6 +182,13 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalCo
     if not benchmarks or not all(benchmarks.values()):
         raise ValueError(f"eval: every benchmark needs problems, got {({n: len(e) for n, e in benchmarks.items()})}")
     template = resolve_template(tokenizer, cfg.template)
+    if cfg.skip_layers:
+        from nested_reft.nested import check_skip, num_layers
+
+        try:
+            check_skip(cfg.skip_layers, num_layers(model), type(model).__name__)
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"eval: skip_layers: {exc}") from exc
     prompts = {name: [encode_prompt(tokenizer, ex.problem, template) for ex in exs] for name, exs in benchmarks.items()}
     budgets = {name: token_budget(model, name, prompts[name], exs, cfg.max_new_tokens)
                for name, exs in benchmarks.items()}

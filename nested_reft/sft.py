@@ -56,6 +56,7 @@ class SFTConfig:
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
     progress: bool = doc(True, "show a progress bar (stderr)")
+    layer_drop: float = doc(0.0, "skip ratio x of a fresh nested model (border 1) on every other update, so the result's nested models work too; 0 = off")
 
 
 def check_config(cfg: SFTConfig) -> None:
@@ -74,6 +75,8 @@ def check_config(cfg: SFTConfig) -> None:
         raise ValueError("sft: `weight_decay` must be >= 0 and `max_grad_norm` > 0")
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ValueError(f"sft: `output_dir` {cfg.output_dir} exists and is not a directory")
+    if not 0 <= cfg.layer_drop < 1:
+        raise ValueError(f"sft: `layer_drop` must be in [0, 1), got {cfg.layer_drop}")
     if cfg.template not in ("auto", "chat", "plain"):
         raise ValueError(f"sft: `template` must be auto, chat or plain, got {cfg.template!r}")
 
@@ -174,12 +177,29 @@ def lr_lambda(num_updates: int, warmup_ratio: float):
     return scale
 
 
-def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm: float) -> tuple[float, int, bool]:
-    """One optimizer update over micro-batches; returns (mean loss, tokens, applied)."""
+def update_skip_set(model, cfg: SFTConfig, update: int) -> tuple[int, ...]:
+    """Layers skipped in update `update`: none, or with layer_drop > 0 on odd updates a fresh skip set
+    drawn like the RL trainer's (ratio layer_drop, border 1), seeded by (seed, update): the same on
+    every process."""
+    if cfg.layer_drop == 0 or update % 2 == 0:
+        return ()
+    from nested_reft.layer_skip import sample_skip_set
+    from nested_reft.nested import num_layers
+
+    return sample_skip_set(num_layers(model), cfg.layer_drop, 1, torch.Generator().manual_seed(cfg.seed * 1_000_003 + update))
+
+
+def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm: float,
+                 skip: tuple[int, ...] = ()) -> tuple[float, int, bool]:
+    """One optimizer update over micro-batches, with the layers in `skip` bypassed; returns (mean loss,
+    tokens, applied)."""
+    from nested_reft.nested import skip_layers
+
     losses, tokens = [], 0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
+        nested = skip_layers(accelerator.unwrap_model(model), skip) if skip else nullcontext()
+        with nullcontext() if sync else accelerator.no_sync(model), nested:
             loss = model(**batch).loss  # mean over this micro-batch's target tokens
             accelerator.backward(loss / len(micro))
         losses.append(loss.detach())
@@ -222,7 +242,8 @@ def train_epochs(model, accelerator, optimizer, items: list, cfg: SFTConfig, pad
         for u in range(0, len(batches), cfg.grad_accum_steps):
             micro = [collate([items[i] for i in b], pad_id) for b in batches[u : u + cfg.grad_accum_steps]]
             micro = [{k: v.to(accelerator.device) for k, v in m.items()} for m in micro]
-            loss, n, applied = train_update(model, accelerator, optimizer, micro, cfg.max_grad_norm)
+            skip = update_skip_set(accelerator.unwrap_model(model), cfg, epoch * per_epoch + u // cfg.grad_accum_steps)
+            loss, n, applied = train_update(model, accelerator, optimizer, micro, cfg.max_grad_norm, skip)
             scheduler.step()
             tokens, skipped = tokens + n, skipped + (not applied)
             losses += [loss] if applied else []
@@ -236,7 +257,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     """Train, save the checkpoint to `cfg.output_dir`, and return the summary (also sft_summary.json)."""
     from datetime import timedelta
 
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     check_config(cfg)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -244,8 +265,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     # cpu=True without CUDA: otherwise accelerate ignores torchrun's processes (each would train alone)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
+    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.layer_drop > 0)  # skipped layers get no grad
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no",
-                              kwargs_handlers=[timeout])
+                              kwargs_handlers=[timeout, unused])
     if len(items) < accelerator.num_processes:
         raise DataError(f"{len(items)} examples cannot be shared by {accelerator.num_processes} processes")
     torch.manual_seed(cfg.seed)

@@ -7,7 +7,10 @@ No weights can be downloaded on these machines, so the demo trains its own model
   9 + 4 = 13. The answer is \\boxed{13}.". Each step opens with the same cue word in problem and
   solution, so finding a step's operand is a lookup a tiny model learns fast; without the cues it must
   count numbers, and 1.5 CPU-minutes of SFT stayed under 10% accuracy. What is left hard is the
-  arithmetic: a short SFT reaches roughly 20-30% greedy accuracy, so RL has room to improve it.
+  arithmetic, learnt late and fast: on 2,000 problems, 2 epochs (250 updates) reach 0.18-0.36 test
+  accuracy at temperature 0.6 and 3 epochs (375 updates) 0.67-0.78 (seeds 0 and 1, 2026-11-22), which
+  is what `TOY_SFT` uses: partial accuracy with a greedy-vs-sampled gap RL can close (seed 0: 0.765 at
+  T = 0.6, 0.84 greedy; 12 RL steps took it to 0.82).
 - Splits: one seeded stream of distinct problems; the first `num_test` go to test, the next `num_train`
   to train, so no problem text is in both (checked). Written in the shared data layout (`data.py`).
 - Tokenizer: byte-level BPE with Qwen2's own pre-tokenizer (one token per digit, so numbers are digit
@@ -57,8 +60,8 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# SFT settings for the toy (measured: about 2 CPU-minutes on one thread, 20-30% greedy test accuracy).
-TOY_SFT = dict(epochs=2, lr=3e-3, batch_size=16, warmup_ratio=0.05, weight_decay=0.0, max_length=192)
+# SFT settings for the toy (measured: about 4 minutes on one CPU thread, 0.67-0.78 test accuracy at T = 0.6).
+TOY_SFT = dict(epochs=3, lr=3e-3, batch_size=16, warmup_ratio=0.05, weight_decay=0.0, max_length=192)
 
 
 # ---- problems ---------------------------------------------------------------------------------

@@ -202,3 +202,21 @@ def test_cli_eval_config_yaml(tiny, data_dir, tmp_path, capsys):
 def test_cli_eval_without_model_exits_2(data_dir, capsys):
     assert cli.main(["eval", "--benchmarks", "math500", "--data-dir", str(data_dir)]) == 2
     assert "`model` is required" in capsys.readouterr().err
+
+
+def test_skip_layers_evaluates_the_nested_model(tiny, data_dir, tmp_path):
+    """Evaluating with skip_layers gives exactly the completions of the smaller model built from the kept layers."""
+    from nested_reft.nested import build_truncated_model
+
+    model, tokenizer, _ = tiny
+    skip = [0]  # of 2 layers
+    base = dict(benchmarks=["math500"], max_new_tokens=6, batch_size=2, temperature=0.0, progress=False)
+    ev.evaluate(model, tokenizer, benchmarks(data_dir), EvalConfig(skip_layers=skip, output_dir=str(tmp_path / "a"), **base))
+    small = build_truncated_model(model, skip)
+    ev.evaluate(small, tokenizer, benchmarks(data_dir), EvalConfig(output_dir=str(tmp_path / "b"), **base))
+    full = ev.evaluate(model, tokenizer, benchmarks(data_dir), EvalConfig(output_dir=str(tmp_path / "c"), **base))
+    nested = [r["completion"] for r in read_samples(tmp_path / "a")]
+    assert nested == [r["completion"] for r in read_samples(tmp_path / "b")]
+    assert nested != [r["completion"] for r in read_samples(tmp_path / "c")] and full["mean"] is not None
+    with pytest.raises(ValueError, match="skip index 99"):
+        ev.evaluate(model, tokenizer, benchmarks(data_dir), EvalConfig(skip_layers=[99], **base))

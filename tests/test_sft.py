@@ -166,3 +166,27 @@ def test_cli_sft_bad_config_yaml_exits_2(tmp_path, capsys, yaml_text, message):
     err = capsys.readouterr().err
     assert message in err and "error:" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_layer_drop_skips_a_fresh_set_on_odd_updates(toy, tmp_path, monkeypatch):
+    """layer_drop > 0: updates 1, 3, ... run a nested model (the trainer's sampler, border 1), drawn from
+    (seed, update), so the skipped layers get no gradient in that update; even updates run the full model."""
+    from nested_reft import sft as sft_module
+    from nested_reft.sft import SFTConfig, update_skip_set
+
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    cfg = SFTConfig(layer_drop=0.15, seed=3)
+    assert update_skip_set(model, cfg, 0) == () and update_skip_set(model, SFTConfig(), 1) == ()
+    skip = update_skip_set(model, cfg, 1)
+    assert len(skip) == 4 and all(1 <= i <= 26 for i in skip) and skip == update_skip_set(model, cfg, 1)
+    assert skip != update_skip_set(model, cfg, 3)
+    seen = []
+    real = sft_module.train_update
+    monkeypatch.setattr(sft_module, "train_update", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    summary = run_sft(config(toy, tmp_path / "sft", layer_drop=0.15))
+    assert summary["updates"] == 2 and seen[0] == () and len(seen[1]) == 4
+
+
+def test_layer_drop_out_of_range_is_refused(toy, tmp_path):
+    with pytest.raises(ValueError, match="layer_drop"):
+        run_sft(config(toy, tmp_path / "sft", layer_drop=1.0))

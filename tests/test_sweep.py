@@ -87,6 +87,9 @@ def test_toy_grid_uses_the_toy_config():
     jobs = sweep.plan(spec)
     toy = yaml.safe_load((CONFIGS / "toy.yaml").read_text())
     assert len(jobs) == 10 and all(j.cfg.max_new_tokens == toy["max_new_tokens"] and j.cfg.lr == toy["lr"] for j in jobs)
+    from nested_reft.synthetic import TOY_SFT
+
+    assert {k: spec.sft[k] for k in TOY_SFT} == TOY_SFT  # the same SFT warm-up as the demo
 
 
 def test_list_of_models_gets_labels(tmp_path):
