@@ -258,7 +258,8 @@ def plot_metric(deltas: list[Delta], metric: str, fit_list: list[Fit], path: Pat
     models, datasets = sorted({d.run.model for d in deltas}), sorted({d.run.dataset for d in deltas})
     ticks = sorted({0.0} | {100 * d.run.skip_ratio for d in deltas})
     height = 3.8 * len(models) + 0.8  # inches; the bottom 0.8 hold the legend
-    fig, axes = plt.subplots(len(models), len(datasets), figsize=(4.8 * len(datasets), height), squeeze=False)
+    width = max(4.8 * len(datasets), 7.5)  # one data set: wide enough for the title and the legend
+    fig, axes = plt.subplots(len(models), len(datasets), figsize=(width, height), squeeze=False)
     for i, model in enumerate(models):
         for j, dataset in enumerate(datasets):
             ax, ds = axes[i][j], [d for d in deltas if (d.run.model, d.run.dataset) == (model, dataset)]
@@ -274,7 +275,7 @@ def plot_metric(deltas: list[Delta], metric: str, fit_list: list[Fit], path: Pat
     handles += [Line2D([], [], marker="o", color=COLORS[m], label=f"Nested-ReFT, {m}") for m in present]
     if metric != "accuracy" and fit_list:
         handles.append(Line2D([], [], color="black", linestyle=":", label="linear fit (all mitigations)"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=9, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3 if width > 9 else 2), fontsize=9, frameon=False)
     goal = "lower is better" if metric == "runtime" else "higher is better"
     fig.suptitle(f"Nested-ReFT: Δ {metric.replace('_', ' ')} to the baseline (ReFT, x = 0); {goal}", fontsize=11)
     fig.tight_layout(rect=(0, 0.8 / height, 1, 1 - 0.35 / height))

@@ -14,6 +14,11 @@ Choices:
   with batch_size b match one process with b*N only when the processes' token counts are equal. The
   reported losses are means over processes; a dead or stalled peer fails the collectives after
   `collective_timeout_s` instead of hanging; only process 0 writes the checkpoint (docs/distributed.md).
+- `layer_drop` x > 0 (beyond the paper; off by default) runs every other update through a fresh nested
+  model (skip ratio x, border 1, the RL trainer's sampler, seeded by (seed, update)), like LayerDrop. A
+  small model trained without it has no spare layers: its nested models are much worse than it, and
+  Nested-ReFT's behaviour model with them (docs/results.md). Under DDP the skipped layers get no gradient,
+  so `find_unused_parameters` is on when layer_drop > 0.
 - The checkpoint (safetensors + tokenizer + sft_summary.json) is written to a temporary sibling
   directory and renamed into `output_dir`, so a crash never leaves a half-written checkpoint there.
 """
