@@ -65,7 +65,10 @@ class SFTConfig:
 
 
 def check_config(cfg: SFTConfig) -> None:
-    """Raise ValueError naming the first bad field."""
+    """Raise ValueError naming the first bad field (or an FSDP launch, which sft does not support)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("sft: FSDP is not supported (only `train` shards the model); launch sft with DDP "
+                         "(e.g. configs/accelerate/ddp-multigpu.yaml) or a model that fits one device")
     for name in ("model", "dataset", "output_dir"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: `{name}` is required")

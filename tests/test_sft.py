@@ -190,3 +190,11 @@ def test_layer_drop_skips_a_fresh_set_on_odd_updates(toy, tmp_path, monkeypatch)
 def test_layer_drop_out_of_range_is_refused(toy, tmp_path):
     with pytest.raises(ValueError, match="layer_drop"):
         run_sft(config(toy, tmp_path / "sft", layer_drop=1.0))
+
+
+def test_fsdp_launch_is_refused_before_any_work(toy, tmp_path, monkeypatch):
+    """sft does not shard the model: an FSDP launch is an error, not a silent DDP run."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        run_sft(config(toy, tmp_path / "sft"))
+    assert not (tmp_path / "sft").exists()
