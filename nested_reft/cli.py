@@ -153,6 +153,14 @@ def _resolve_config(args):
         raise UsageError(str(exc)) from exc
 
 
+def _run_config(run, args):
+    """`run(config)` for a `_add_config_parser` subcommand; bad input (a file, a value) is a usage error."""
+    try:
+        return run(_resolve_config(args))
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _add_sft(sub) -> None:
     from nested_reft.sft import SFTConfig
 
@@ -164,10 +172,7 @@ def _add_sft(sub) -> None:
 def _run_sft(args) -> int:
     from nested_reft.sft import run_sft
 
-    try:
-        summary = run_sft(_resolve_config(args))
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
+    summary = _run_config(run_sft, args)
     if int(os.environ.get("RANK", "0")) != 0:  # several processes (torchrun / accelerate launch): print once
         return 0
     if args.json:
@@ -225,10 +230,7 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from nested_reft.evaluate import format_table, run_eval
 
-    try:
-        summary = run_eval(_resolve_config(args))
-    except (OSError, ValueError) as exc:
-        raise UsageError(str(exc)) from exc
+    summary = _run_config(run_eval, args)
     if args.json:
         _print_json(summary)
     else:

@@ -7,6 +7,8 @@ Choices (SPEC section 2, items 1-3):
 - The first b and last b layers are never skipped: V = {b, ..., N-1-b}.
 - A skip set is U distinct indices drawn uniformly without replacement from V with a seeded
   torch.Generator, returned sorted. U > |V| is a configuration error.
+- Training draws the skip set of step s from a generator seeded by (seed, s) alone (`skip_set_at`), so
+  every process draws the same set and a resumed run draws the same sequence.
 """
 
 import math
@@ -57,3 +59,8 @@ def sample_skip_set(
         return ()
     order = torch.randperm(len(valid), generator=generator)[:u]
     return tuple(sorted(valid[i] for i in order.tolist()))
+
+
+def skip_set_at(num_layers: int, ratio: float, border: int, seed: int, step: int) -> tuple[int, ...]:
+    """The skip set of step `step` of a run seeded with `seed`: a pure function of its arguments."""
+    return sample_skip_set(num_layers, ratio, border, torch.Generator().manual_seed(seed * 1_000_003 + step))

@@ -227,7 +227,8 @@ def generate(
                 decoded = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
             tokens, cmask, logps = (t.clone() for t in decoded)
             if cfg.logprobs == "recompute":
-                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature, None, eos, cfg.min_new_tokens)
+                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature,
+                                          eos_token_id=eos, min_new_tokens=cfg.min_new_tokens)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start

@@ -191,10 +191,10 @@ def update_skip_set(model, cfg: SFTConfig, update: int) -> tuple[int, ...]:
     every process."""
     if cfg.layer_drop == 0 or update % 2 == 0:
         return ()
-    from nested_reft.layer_skip import sample_skip_set
+    from nested_reft.layer_skip import skip_set_at
     from nested_reft.nested import num_layers
 
-    return sample_skip_set(num_layers(model), cfg.layer_drop, 1, torch.Generator().manual_seed(cfg.seed * 1_000_003 + update))
+    return skip_set_at(num_layers(model), cfg.layer_drop, 1, cfg.seed, update)
 
 
 def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm: float,

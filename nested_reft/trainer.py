@@ -50,7 +50,7 @@ import torch
 
 from nested_reft.config import ConfigError, TrainConfig, save_yaml
 from nested_reft.data import DataError, encode_prompt, load_examples
-from nested_reft.layer_skip import check_skip_config, sample_skip_set
+from nested_reft.layer_skip import check_skip_config, skip_set_at
 from nested_reft.nested import find_layers, num_layers
 from nested_reft.objectives import group_advantages, importance_weights, policy_loss
 from nested_reft.rewards import math_reward
@@ -221,8 +221,7 @@ def step_prompt_indices(num_examples: int, batch_size: int, step: int, seed: int
 
 def step_skip_set(cfg: TrainConfig, n: int, step: int) -> tuple[int, ...]:
     """The skip set of step `step` (0-based): the same on every process and after a resume."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    return sample_skip_set(n, cfg.skip_ratio, cfg.border, g)
+    return skip_set_at(n, cfg.skip_ratio, cfg.border, cfg.seed, step)
 
 
 def sampling_generators(cfg: TrainConfig, step: int, positions: list[int]) -> list[torch.Generator]:

@@ -62,3 +62,12 @@ def test_skip_sets_reproducible_from_seed():
     a = [sample_skip_set(28, 0.1, 1, g) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
     b = [sample_skip_set(28, 0.1, 1, g) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
     assert a == b and len(set(a)) > 1
+
+
+def test_skip_set_at_is_a_pure_function_of_seed_and_step():
+    from nested_reft.layer_skip import skip_set_at
+
+    sets = [skip_set_at(28, 0.15, 1, seed=7, step=s) for s in range(6)]
+    assert sets == [skip_set_at(28, 0.15, 1, seed=7, step=s) for s in range(6)]
+    assert len(set(sets)) > 1 and all(len(s) == 4 and all(1 <= i <= 26 for i in s) for s in sets)
+    assert sets != [skip_set_at(28, 0.15, 1, seed=8, step=s) for s in range(6)]
