@@ -203,7 +203,9 @@ def make_scheduler(cfg: TrainConfig, optimizer):
     from transformers import get_scheduler
 
     warmup = int(math.ceil(cfg.warmup_ratio * cfg.steps))
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
+    # HF's "constant" ignores num_warmup_steps; ours means constant after the warm-up
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
 
 
 # ---- what each step uses: pure functions of (seed, step) ----------------------------------------
@@ -724,7 +726,7 @@ def finish(run: Run, state: dict) -> dict:
     """Write the final HF checkpoint (output_dir/final) and summary.json."""
     acc, cfg = run.accelerator, run.cfg
     rewards = state["rewards"]
-    tail = rewards[-max(1, len(rewards) // 10):]
+    k = max(1, len(rewards) // 10)  # first and final reward: means over a tenth of the steps (one step is noisy)
     summary = {
         "steps": cfg.steps,
         "runtime_s": state["runtime_s"],
@@ -733,8 +735,8 @@ def finish(run: Run, state: dict) -> dict:
         "token_speed": state["tokens_processed"] / max(state["runtime_s"], 1e-9),
         "rollout_tokens_per_s": state["tokens_generated"] / max(state["rollout_s"], 1e-9),
         "rollout_s": state["rollout_s"],
-        "final_reward": sum(tail) / len(tail),
-        "first_reward": rewards[0] if rewards else None,
+        "first_reward": sum(rewards[:k]) / len(rewards[:k]) if rewards else None,
+        "final_reward": sum(rewards[-k:]) / len(rewards[-k:]) if rewards else None,
         "skipped_updates": state["skipped_updates"],
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,

@@ -152,6 +152,7 @@ def test_run_directory_contents(toy_dir, tmp_path):
                 "update_s", "step_s", "tokens_per_s"}
     assert len(metrics) == 2 and required <= set(metrics[0])
     assert summary["token_speed"] == pytest.approx(summary["tokens_processed"] / summary["runtime_s"])
+    assert (summary["first_reward"], summary["final_reward"]) == (metrics[0]["reward_mean"], metrics[-1]["reward_mean"])
     assert (out / "config.yaml").is_file() and (out / "final/model.safetensors").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     from transformers import AutoModelForCausalLM
@@ -193,6 +194,20 @@ def test_step_data_and_skip_sets_are_pure_functions_of_seed_and_step():
     assert [trainer.step_skip_set(cfg, 28, s) for s in range(5)] == [trainer.step_skip_set(cfg, 28, s) for s in range(5)]
     idx = [i for s in range(5) for i in trainer.step_prompt_indices(10, 4, s, 3)]
     assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:20]) == list(range(10))  # epochs cover the data
+
+
+@pytest.mark.parametrize("schedule,last", [("constant", 1.0), ("linear", 0.0), ("cosine", 0.0)])
+def test_every_schedule_warms_up_then_follows_its_shape(schedule, last):
+    """warmup_ratio is honoured by every schedule (HF's own "constant" would ignore it)."""
+    cfg = TrainConfig(model="m", steps=10, lr=1.0, lr_scheduler=schedule, warmup_ratio=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched, lrs = trainer.make_scheduler(cfg, opt), []
+    for _ in range(cfg.steps):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])  # 2 warm-up steps
+    assert sched.get_last_lr()[0] == pytest.approx(last)
 
 
 @pytest.mark.slow
