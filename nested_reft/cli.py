@@ -314,9 +314,10 @@ def _run_sweep(args) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="deltas to the baseline, the paper's Table 2, Figure-1 plots, linear fits",
+    p = sub.add_parser("report", help="deltas to the baseline, the paper's Table 2, Figure-1 plots, linear fits, reward curves",
                        description="Matches each nested run to its baseline (same model and dataset, x = 0) and reports "
-                                   "accuracy, token speed and runtime deltas. A directory without config.yaml is "
+                                   "accuracy, token speed and runtime deltas; plots every run's training reward per step "
+                                   "(reward_curves.png). A directory without config.yaml is "
                                    "searched one level down.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or directories of runs)")
     p.add_argument("--output-dir", help="write report.md, report.json and the PNG figures here")

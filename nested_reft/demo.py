@@ -195,13 +195,13 @@ def markdown(res: dict, figures: list[str]) -> str:
 
 
 def plot(res: dict, out: Path) -> list[str]:
-    """demo_results.png (accuracy, token speed, runtime per run) and demo_reward.png (reward per step)."""
+    """demo_results.png (accuracy, token speed, runtime per run) and demo_reward.png (report.plot_rewards)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nested_reft.report import COLORS
+    from nested_reft.report import COLORS, find_runs, plot_rewards
 
     runs = res["runs"]
     names = ["baseline" if r["skip_ratio"] == 0 else f"x={r['skip_ratio']:.2f}\n{r['mitigation']}" for r in runs]
@@ -235,28 +235,8 @@ def plot(res: dict, out: Path) -> list[str]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r, name, color in zip(runs, names, colors):
-        rewards = r["reward_per_step"]
-        steps = range(1, len(rewards) + 1)
-        ax.plot(steps, rewards, color=color, alpha=0.25, linewidth=1)
-        ax.plot(steps, moving_average(rewards, 4), color=color, linewidth=2, label=name.replace("\n", " "))
-    ax.set(title="Training reward per RL step (faint: raw; solid: mean of the last 4 steps)", xlabel="RL step",
-           ylabel="mean reward of the step's rollouts (fraction correct)", ylim=(0, None))
-    ax.title.set_fontsize(10)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "demo_reward.png")
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
+    paths.append(plot_rewards(find_runs([out])[0], out / "demo_reward.png"))
     return [str(p) for p in paths]
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Mean of the last `window` values at every position (fewer at the start)."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 # ---- the whole thing --------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Choices:
   the cost); R^2 = 1 - SS_res / SS_tot. Fitted only with >= 2 distinct nested ratios.
 - Figures (matplotlib, Agg): one PNG per metric like the paper's Figure 1a-c; a panel per (model, data
   set), a line per mitigation, the baseline at 0, red / green annotations on the smallest / largest value,
-  and the fitted line on the efficiency panels.
+  and the fitted line on the efficiency panels. reward_curves.png: every run's training reward per step
+  from metrics.jsonl, with a moving mean (one step's reward is noisy).
 """
 
 import json
@@ -317,6 +318,65 @@ def plot_figures(deltas: list[Delta], fit_list: list[Fit], out: Path) -> list[st
     return paths
 
 
+def read_rewards(path) -> list[float] | None:
+    """reward_mean per step from a run's metrics.jsonl (None when the run has no metrics.jsonl)."""
+    f = Path(path) / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    rewards = []
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rewards.append(float(json.loads(line)["reward_mean"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ReportError(f"{f}:{i}: bad metrics line ({exc!r})") from None
+    return rewards
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at every position (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def run_label(run: Run, with_model: bool) -> str:
+    name = "baseline" if run.skip_ratio == 0 else f"x = {run.skip_ratio:.2f}, {run.mitigation}"
+    return f"{Path(run.model).name} on {run.dataset}: {name}" if with_model else name
+
+
+def plot_rewards(runs: list[Run], path: Path, window: int | None = None) -> Path | None:
+    """Training reward per RL step of every run with a metrics.jsonl: faint per step, solid the mean of the
+    last `window` steps (default: a tenth of the longest run, at least 4). None when no run has metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [(r, rw) for r in sorted(runs, key=_order) if (rw := read_rewards(r.path))]
+    if not curves:
+        return None
+    window = window or max(4, max(len(rw) for _, rw in curves) // 10)
+    with_model = len({(r.model, r.dataset) for r, _ in curves}) > 1
+    styles = {x: ls for x, ls in zip(sorted({r.skip_ratio for r, _ in curves if r.skip_ratio}), ("-", "--", ":", "-."))}
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for r, rewards in curves:
+        color = "black" if r.skip_ratio == 0 else COLORS.get(r.mitigation, "gray")
+        steps = range(1, len(rewards) + 1)
+        ax.plot(steps, rewards, color=color, alpha=0.2, linewidth=1)
+        ax.plot(steps, moving_average(rewards, window), color=color, linewidth=2, linestyle=styles.get(r.skip_ratio, "-"),
+                label=run_label(r, with_model))
+    ax.set(title=f"Training reward per RL step (faint: each step; solid: mean of the last {window} steps)",
+           xlabel="RL step", ylabel="mean reward of the step's rollouts", ylim=(0, None))
+    ax.title.set_fontsize(10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---- output -----------------------------------------------------------------------------------
 
 
@@ -398,6 +458,8 @@ def build_report(paths, output_dir=None, figures: bool = True) -> dict:
            "deltas": [_json_delta(d) for d in deltas], "table2": t2, "fits": [f._asdict() for f in fit_list],
            "figures": plot_figures(deltas, fit_list, out) if (out and figures and deltas) else [],
            "skipped": skipped + orphans}
+    if out and figures and (curve := plot_rewards(runs, out / "reward_curves.png")):
+        rep["figures"].append(str(curve))
     rep["markdown"] = to_markdown(rep, runs, deltas, fit_list)
     if out:
         out.mkdir(parents=True, exist_ok=True)

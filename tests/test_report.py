@@ -148,3 +148,25 @@ def test_cli(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty")]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_reward_curves_from_metrics_jsonl(tmp_path):
+    runs = tmp_path / "runs"
+    for name, rewards in (("m1__svamp__x0.00__base", [0.2, 0.4, 0.6]), ("m1__svamp__x0.15__retrace", [0.1, 0.3])):
+        shutil.copytree(FIXTURE / name, runs / name)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "reward_mean": r}) + "\n"
+                                                           for i, r in enumerate(rewards)))
+    assert report.read_rewards(runs / "m1__svamp__x0.00__base") == [0.2, 0.4, 0.6]
+    assert report.read_rewards(FIXTURE / "m1__svamp__x0.00__base") is None  # no metrics.jsonl: no curve
+    rep = report.build_report([runs], tmp_path / "out")
+    curve = tmp_path / "out" / "reward_curves.png"
+    assert str(curve) in rep["figures"] and curve.read_bytes()[:4] == b"\x89PNG"
+    assert "![reward_curves](reward_curves.png)" in (tmp_path / "out" / "report.md").read_text()
+    with open(runs / "m1__svamp__x0.15__retrace" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3}\n')
+    with pytest.raises(report.ReportError, match=r"metrics.jsonl:3: bad metrics line"):
+        report.build_report([runs], tmp_path / "out2")
+
+
+def test_moving_average_uses_fewer_values_at_the_start():
+    assert report.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
