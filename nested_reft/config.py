@@ -212,7 +212,7 @@ class TrainConfig:
     resume: bool = doc(False, "continue from the latest checkpoint in output_dir")
     report_to: str = doc("none", "extra logging: none, tensorboard or wandb")
     device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
-    bf16: str = doc("auto", "bfloat16 autocast: auto (on CUDA), true or false")
+    bf16: str = doc("auto", "bfloat16 autocast: auto (on CUDA GPUs that support it), true or false")
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
     progress: bool = doc(True, "show a progress bar")
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")

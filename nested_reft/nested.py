@@ -62,6 +62,14 @@ def num_layers(model: nn.Module) -> int:
     return len(find_layers(model).layers)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (HF's own hook, so a nested model
+    checkpoints exactly its kept layers). transformers renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable; use the new name where it exists."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def _text_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:

@@ -33,6 +33,7 @@ Choices:
   process's own rows finished, so it equals what the process would have produced alone.
 """
 
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,15 +143,21 @@ def _eos_tensor(eos_token_id, device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers 5.x, `past_key_values` in
+    earlier ones (later ones accept it with a FutureWarning until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
     """The KV-cached loop. ids/mask [N, P], uniforms [N, L] (None when greedy); returns completion ids,
     mask and sampled log-probs [N, L]. `all_done(local_done: bool) -> bool`: see the module doc."""
     n, p = ids.shape
     full_mask = torch.cat([mask, mask.new_ones(n, cfg.max_new_tokens)], dim=1)  # [N, P+L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **cache)
     tokens = ids.new_full((n, cfg.max_new_tokens), pad_id)
     logps = torch.zeros((n, cfg.max_new_tokens), dtype=torch.float32, device=ids.device)
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
@@ -173,7 +180,7 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
             tokens, logps = tokens[:, : end or t + 1], logps[:, : end or t + 1]
             break
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache)
         next_pos = next_pos + 1
     return tokens, completion_mask(tokens, eos), logps
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from nested_reft.config import doc
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
+from nested_reft.nested import enable_activation_checkpointing
 
 
 @dataclass
@@ -280,7 +281,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         raise DataError(f"{len(items)} examples cannot be shared by {accelerator.num_processes} processes")
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     model, optimizer = accelerator.prepare(model, make_optimizer(model, cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0

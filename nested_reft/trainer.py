@@ -51,7 +51,7 @@ import torch
 from nested_reft.config import ConfigError, TrainConfig, save_yaml
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.layer_skip import check_skip_config, skip_set_at
-from nested_reft.nested import find_layers, num_layers
+from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers
 from nested_reft.objectives import group_advantages, importance_weights, policy_loss
 from nested_reft.rewards import math_reward
 from nested_reft.rollout import Rollout, SamplingConfig, generate, sequence_logprobs
@@ -143,7 +143,7 @@ def setup(cfg: TrainConfig) -> Run:
         ref_model, _ = _load_model(cfg.model)
         ref_model.requires_grad_(False).eval().to(accelerator.device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     if fsdp:
         shard_model(model, accelerator.device)
@@ -194,7 +194,8 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but CUDA is not available")
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    bf16 = str(cfg.bf16).lower() == "true" or (str(cfg.bf16).lower() == "auto" and not cpu)
+    auto = not cpu and torch.cuda.is_bf16_supported()  # bf16 on GPUs that have it (not e.g. V100)
+    bf16 = str(cfg.bf16).lower() == "true" or (str(cfg.bf16).lower() == "auto" and auto)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
     return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[timeout])
 

@@ -81,6 +81,15 @@ def test_short_run_trains_and_writes_checkpoint(toy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]
 
 
+def test_gradient_checkpointing_trains_to_the_same_weights(toy, tmp_path):
+    """Recomputing activations in the backward pass saves memory and leaves the update unchanged."""
+    run_sft(config(toy, tmp_path / "a"))
+    run_sft(config(toy, tmp_path / "b", gradient_checkpointing=True))
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_missing_dataset_fails_before_writing(toy, tmp_path):
     out = tmp_path / "sft"
     with pytest.raises(DataError, match="unknown data set 'nope'"):

@@ -255,3 +255,43 @@ def test_ppo_iterations_reuse_one_rollout(toy_dir, tmp_path, alternating_rewards
     assert len(steps) == 2 and not m["skipped_update"]
     assert any(not torch.equal(before[k], v) for k, v in params(run.model).items())
     assert 0 < m["h_mean"] <= 1.0 + 1e-6 and "clip_frac" in m
+
+
+def test_gradient_checkpointing_gives_the_same_update(toy_dir, tmp_path, alternating_rewards):
+    """Recomputing activations in the backward pass changes memory, not the math: same rollout, same
+    update. Rollouts run in eval mode, so generation keeps its KV cache."""
+    plain = trainer.setup(small_cfg(toy_dir, tmp_path / "a", skip_ratio=0.15, mitigation="retrace"))
+    ckpt = trainer.setup(small_cfg(toy_dir, tmp_path / "b", skip_ratio=0.15, mitigation="retrace",
+                                   gradient_checkpointing=True))
+    model = ckpt.accelerator.unwrap_model(ckpt.model)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    m_plain, m_ckpt = trainer.rl_step(plain, 0), trainer.rl_step(ckpt, 0)
+    assert m_plain["reward_mean"] == m_ckpt["reward_mean"] and m_plain["tokens_generated"] == m_ckpt["tokens_generated"]
+    assert m_ckpt["loss"] == pytest.approx(m_plain["loss"], rel=1e-5, abs=1e-7)
+    a, b = params(plain.model), params(ckpt.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; start and leave this test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_autocast_step_runs_and_keeps_fp32_weights(toy_dir, tmp_path, alternating_rewards, fresh_accelerate_state):
+    """--bf16 true runs rollouts and update under bf16 autocast (CPU here, CUDA on a GPU): the master
+    weights stay float32, the step changes them and they stay finite; with nothing skipped the
+    behaviour and target log-probs agree to bf16 rounding, so h is 1 within a few percent."""
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", bf16="true"))
+    assert run.accelerator.mixed_precision == "bf16"
+    before = params(run.model)
+    m = trainer.rl_step(run, 0)
+    after = params(run.model)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+    assert not m["skipped_update"] and m["num_skipped"] == 0
+    assert abs(m["h_mean"] - 1) < 0.05 and abs(m["log_ratio_mean"]) < 0.05
