@@ -63,8 +63,8 @@ def num_layers(model: nn.Module) -> int:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward pass (HF's own hook, so a nested model
-    checkpoints exactly its kept layers). transformers renamed gradient_checkpointing_enable to
+    """Recompute each decoder layer's activations in the backward pass (HF's per-layer hook, which stays on
+    the layer modules, so it also holds while skip_layers() runs a nested model). transformers renamed gradient_checkpointing_enable to
     activation_checkpointing_enable; use the new name where it exists."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
