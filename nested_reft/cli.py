@@ -197,7 +197,8 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from nested_reft.config import ConfigError
-    from nested_reft.trainer import CollectiveError, setup, train
+    from nested_reft.distributed import CollectiveError
+    from nested_reft.trainer import setup, train
 
     cfg = _resolve_config(args)
     try:

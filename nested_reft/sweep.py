@@ -180,7 +180,7 @@ def plan(spec: SweepSpec) -> list[Job]:
 
 def run_state(out: Path, needs_eval: bool) -> str:
     """done | eval | resume | restart | new (see the module docstring)."""
-    from nested_reft.trainer import latest_checkpoint
+    from nested_reft.checkpoint import latest_checkpoint
 
     if (out / "summary.json").is_file():
         return "eval" if needs_eval and not (out / EVAL_DIR / "summary.json").is_file() else "done"
@@ -245,34 +245,23 @@ def prepare_run(job: Job, state: str) -> TrainConfig:
 
 def train_lockstep(cfgs: list[TrainConfig]) -> list[dict]:
     """Train several runs in one process, one RL step of each in turn (the order rotates every step), so
-    that other load on a shared machine falls on all of them alike. Each run's runtime is the sum of its
-    own step times, as when it runs alone; its files are the trainer's (metrics, checkpoints, summary)."""
+    that other load on a shared machine falls on all of them alike. Each run is the trainer's own Loop:
+    its runtime counts its own steps and checkpoints, as when it runs alone, and its files are the same."""
     from tqdm import tqdm
 
     from nested_reft import trainer
 
-    runs = [trainer.setup(cfg) for cfg in cfgs]
-    starts = [trainer.prepare_output(run) for run in runs]  # (first step, accumulated state)
-    logs = [trainer.MetricsLog(run.out / "metrics.jsonl", True, first) for run, (first, _) in zip(runs, starts)]
-    first, last = min(f for f, _ in starts), max(cfg.steps for cfg in cfgs)
-    bar = tqdm(total=last - first, desc=f"RL steps ({len(runs)} runs in lockstep)", unit="step")
+    loops = [trainer.Loop(trainer.setup(cfg)) for cfg in cfgs]
+    first, last = min(lp.start for lp in loops), max(cfg.steps for cfg in cfgs)
+    bar = tqdm(total=last - first, desc=f"RL steps ({len(loops)} runs in lockstep)", unit="step")
     for step in range(first, last):
-        k = step % len(runs)
-        for i in list(range(k, len(runs))) + list(range(k)):
-            (run, (begin, state), log) = runs[i], starts[i], logs[i]
-            if begin <= step < run.cfg.steps:
-                metrics = trainer.rl_step(run, step)
-                trainer._accumulate(state, metrics)
-                log.write(metrics)
-                if (step + 1) % run.cfg.save_steps == 0 and step + 1 < run.cfg.steps:
-                    trainer.save_checkpoint(run, step + 1, state)
+        k = step % len(loops)
+        for lp in loops[k:] + loops[:k]:
+            if lp.start <= step < lp.run.cfg.steps:
+                lp.step(step)
         bar.update(1)
     bar.close()
-    summaries = []
-    for run, (_, state) in zip(runs, starts):
-        trainer.save_checkpoint(run, run.cfg.steps, state)
-        summaries.append(trainer.finish(run, state))
-    return summaries
+    return [lp.finish() for lp in loops]
 
 
 def train_runs(spec: SweepSpec, todo: list[tuple[Job, str]]) -> None:

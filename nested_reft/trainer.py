@@ -15,48 +15,35 @@ Choices:
 - Loss normalisers (token counts for bnpo, sequence counts for grpo/dr_grpo) are global over the whole
   step's batch (all micro-batches, all processes), so gradient accumulation and data parallelism give
   the gradient of the full-batch loss.
-- A non-finite loss or gradient skips the update (counted in `skipped_updates`); weights are checked to
-  be finite before every checkpoint. Checkpoints are written to a temporary directory, then renamed.
-  Ctrl-C saves a checkpoint of the last finished step; SIGKILL loses at most the steps since the last one.
-- Several processes (`accelerate launch` / `torchrun`, DDP; docs/distributed.md): process r takes the
-  prompts at positions r, r + world, ... of the step's batch with all their G completions (group
-  advantages stay exact); metrics are reduced over processes; only process 0 writes files. Every process
-  reads the checkpoint on resume (output_dir must be on a shared file system across nodes). A failed
-  collective (a peer died, or stalled past collective_timeout_s) raises CollectiveError on the others;
-  Ctrl-C with several processes saves nothing (they may be stopped in different collectives) and the
-  last periodic checkpoint is the resume point.
-- FSDP2 (`accelerate launch` with `distributed_type: FSDP` and `fsdp_version: 2`, i.e. the environment
-  ACCELERATE_USE_FSDP=true FSDP_VERSION=2): the trainer shards the model itself with torch's
-  `fully_shard`, one unit per decoder layer plus the root (embeddings, final norm, LM head), on CPU (gloo;
-  accelerate itself ignores FSDP there) and GPU alike. Rollouts run the sharded module (a skipped layer's
-  unit is simply not called); every forward is a collective, so the decode loop stops only when all
-  processes are done; gradients are reduce-scattered after every micro-batch (no `no_sync`: that would keep
-  unsharded gradients); checkpoints gather full state dicts (all processes take part, process 0 writes);
-  the finite-weights check is all-reduced. An FSDP checkpoint's optimizer.pt is keyed by parameter name
-  (torch.distributed.checkpoint's full optimizer state dict), so it resumes under FSDP only.
+- A non-finite loss or gradient skips the update (counted in `skipped_updates`).
+- Several processes (`accelerate launch` / `torchrun`, DDP or FSDP2; docs/distributed.md): process r takes
+  the prompts at positions r, r + world, ... of the step's batch with all their G completions (group
+  advantages stay exact); metrics are reduced over processes; only process 0 writes files. Under FSDP2
+  rollouts run the sharded module (a skipped layer's unit is simply not called); every forward is a
+  collective, so the decode loop stops only when all processes are done, and gradients are
+  reduce-scattered after every micro-batch (no `no_sync`: that would keep unsharded gradients). The
+  process-group pieces are in distributed.py, checkpoints and resume in checkpoint.py.
 """
 
-import json
 import math
-import os
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from nested_reft.config import ConfigError, TrainConfig, save_yaml
+from nested_reft.checkpoint import MetricsLog, latest_checkpoint, prepare_output, save_checkpoint, save_final
+from nested_reft.config import ConfigError, TrainConfig
 from nested_reft.data import DataError, encode_prompt, load_examples
+from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, global_sum, make_accelerator,
+                                     shard_model, use_fsdp)
 from nested_reft.layer_skip import check_skip_config, skip_set_at
 from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers
 from nested_reft.objectives import group_advantages, importance_weights, policy_loss
 from nested_reft.rewards import math_reward
 from nested_reft.rollout import Rollout, SamplingConfig, generate, sequence_logprobs
-
-CHECKPOINTS = "checkpoints"
 
 
 class Prompt(NamedTuple):
@@ -130,7 +117,7 @@ def setup(cfg: TrainConfig) -> Run:
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg.device, cfg.bf16, cfg.collective_timeout_s)
     fsdp = use_fsdp()
     model, tokenizer = _load_model(cfg.model)
     n = check_model(cfg, model)
@@ -156,48 +143,6 @@ def setup(cfg: TrainConfig) -> Run:
         model, optimizer = accelerator.prepare(model, optimizer)
     return Run(cfg, model, tokenizer, prompts, ref_model, accelerator, optimizer, scheduler, n, Path(cfg.output_dir),
                fsdp)
-
-
-def use_fsdp() -> bool:
-    """Whether the launcher asked for FSDP (accelerate's environment); only FSDP2 is supported."""
-    import torch.distributed as dist
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return False
-    if os.environ.get("FSDP_VERSION", "1") != "2":
-        raise ConfigError("FSDP: only fsdp_version: 2 (torch fully_shard) is supported, "
-                          f"got FSDP_VERSION={os.environ.get('FSDP_VERSION', '1')}")
-    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
-        raise ConfigError("FSDP: fsdp_cpu_ram_efficient_loading is not supported (every process loads the "
-                          "model, then shards it); set it to false")
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def shard_model(model, device) -> None:
-    """FSDP2 in place: one unit per decoder layer (gathered for its forward, resharded after), then the
-    root (embeddings, final norm, LM head; kept gathered between forward and backward)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in find_layers(model).layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
-def make_accelerator(cfg: TrainConfig):
-    from datetime import timedelta
-
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but CUDA is not available")
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    auto = not cpu and torch.cuda.is_bf16_supported()  # bf16 on GPUs that have it (not e.g. V100)
-    bf16 = str(cfg.bf16).lower() == "true" or (str(cfg.bf16).lower() == "auto" and auto)
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[timeout])
 
 
 def make_scheduler(cfg: TrainConfig, optimizer):
@@ -319,11 +264,6 @@ def full_logprobs(run: Run, model, rollout: Rollout, rows: slice = slice(None), 
                              run.cfg.min_new_tokens)
 
 
-def global_sum(acc, value: float) -> float:
-    t = torch.tensor([float(value)], device=acc.device)
-    return float(acc.reduce(t, "sum").item()) if acc.num_processes > 1 else float(value)
-
-
 def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
     """Weight of a micro-batch's mean loss so that micro-batches sum to the full-batch loss."""
     if loss_type == "bnpo":
@@ -404,12 +344,6 @@ def rl_step(run: Run, step: int) -> dict:
                         rollout_s=rollout.rollout_s, update_s=t2 - t1, step_s=t2 - t0)
 
 
-def gather_rows(acc, values: list[float]) -> torch.Tensor:
-    """Local scalars [k] from every process as [world, k] (just [1, k] on one process)."""
-    t = torch.tensor([values], dtype=torch.float64, device=acc.device)
-    return acc.gather(t).cpu() if acc.num_processes > 1 else t.cpu()
-
-
 def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra, rollout_s, update_s, step_s):
     """The metrics.jsonl line of one step, reduced over processes: sums, min/max, and means weighted by
     each process's count (IS units for the h metrics, generated tokens for clip_frac), so that N
@@ -456,143 +390,7 @@ def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, ext
     }
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-
-
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return out / CHECKPOINTS / f"step-{step:06d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories of an interrupted save are ignored)."""
-    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
-
-
-def full_tensor(t):
-    """A DTensor (FSDP) gathered into a plain tensor; anything else as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def weights_finite(run: Run) -> bool:
-    """All weights finite; under FSDP each process checks its shard and the verdict is all-reduced."""
-    shards = (p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters())
-    local = all(bool(torch.isfinite(t).all()) for t in shards)
-    return global_sum(run.accelerator, 0.0 if local else 1.0) == 0 if run.fsdp else local
-
-
-def full_state(run: Run, optimizer: bool) -> tuple[dict | None, dict | None]:
-    """(model state dict, optimizer state dict or None) for process 0 to write. Under FSDP every process
-    must call this: it gathers the full state dicts to process 0's CPU (the others get empty dicts).
-    Without FSDP: (None, optimizer.state_dict()); save_pretrained reads the model itself."""
-    if not run.fsdp:
-        return None, run.optimizer.state_dict() if optimizer else None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(run.model, options=opts)
-    first = {}  # tied weights arrive as separate copies: make them one tensor again, so that
-    for name, p in run.model.named_parameters(remove_duplicate=False):  # save_pretrained drops the alias
-        if name in model_sd:
-            model_sd[name] = model_sd[first.setdefault(id(p), name)]
-    return model_sd, get_optimizer_state_dict(run.model, run.optimizer, options=opts) if optimizer else None
-
-
-def save_model(run: Run, path: Path, model_sd: dict | None) -> None:
-    """save_pretrained of the policy (safetensors) and the tokenizer; `model_sd` from full_state."""
-    run.accelerator.unwrap_model(run.model).save_pretrained(path, state_dict=model_sd, safe_serialization=True)
-    run.tokenizer.save_pretrained(path)
-
-
-def save_checkpoint(run: Run, step: int, state: dict) -> Path | None:
-    """Atomically write model (safetensors), tokenizer, optimizer, scheduler and trainer state (rank 0)."""
-    acc = run.accelerator
-    acc.wait_for_everyone()
-    final = checkpoint_dir(run.out, step)
-    if not weights_finite(run):
-        raise RuntimeError(f"refusing to checkpoint step {step}: the weights are not finite")
-    model_sd, optim_sd = full_state(run, optimizer=True)
-    if acc.is_main_process:
-        tmp = final.parent / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(run, tmp, model_sd)
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        prune_checkpoints(run.out, run.cfg.keep_checkpoints)
-    acc.wait_for_everyone()
-    return final
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / "trainer_state.json").is_file())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(run: Run, path: Path) -> dict:
-    """Restore weights, optimizer and scheduler from `path`; returns its trainer state."""
-    from safetensors.torch import load_file
-
-    policy = run.accelerator.unwrap_model(run.model)
-    state_dict = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        state_dict.update(load_file(shard))
-    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    by_name = any(isinstance(k, str) for k in optim_sd.get("state", {}))  # keyed by name: written under FSDP
-    if optim_sd.get("state") and by_name != run.fsdp:
-        raise ConfigError(f"checkpoint {path} was written {'with' if by_name else 'without'} FSDP: its optimizer "
-                          f"state resumes only {'with' if by_name else 'without'} FSDP")
-    if run.fsdp:
-        missing, unexpected = load_sharded(run, state_dict, optim_sd)
-    else:
-        missing, unexpected = policy.load_state_dict(state_dict, strict=False)
-        run.optimizer.load_state_dict(optim_sd)
-    missing = [k for k in missing if k not in _tied_keys(policy)]
-    if missing or unexpected:
-        raise ConfigError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
-
-
-def load_sharded(run: Run, model_sd: dict, optim_sd: dict) -> tuple[list[str], list[str]]:
-    """FSDP: every process keeps its shard of the full state dicts (model, then the optimizer's, keyed by
-    parameter name as full_state wrote it); returns (missing, unexpected) model keys."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    keys = set_model_state_dict(run.model, model_sd, options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(run.model, run.optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-    return list(keys.missing_keys), list(keys.unexpected_keys)
-
-
-def _tied_keys(model) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied.keys() if isinstance(tied, dict) else tied)
-
-
 # ---- the loop -----------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """metrics.jsonl on the main process: one flushed line per step; truncated to `step` on resume."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            lines = path.read_text().splitlines() if (resume_step and path.exists()) else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, metrics: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
 
 
 def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
@@ -610,54 +408,33 @@ def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
     return lambda m, s: wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=s)
 
 
-def prepare_output(run: Run) -> tuple[int, dict]:
-    """Create the run directory (or resume it); returns (first step, accumulated state)."""
-    cfg, out = run.cfg, run.out
-    state = {"runtime_s": 0.0, "tokens_processed": 0, "tokens_generated": 0, "rollout_s": 0.0,
-             "skipped_updates": 0, "rewards": []}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"resume: {out} has metrics but no complete checkpoint to resume from")
-    if not cfg.resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"output_dir={str(out)!r} already holds a run; pass --resume true or choose another")
-    if run.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
-    run.accelerator.wait_for_everyone()
-    if ckpt is None:
-        return 0, state
-    state.update(load_checkpoint(run, ckpt))
-    return int(state["step"]), state
+class Loop:
+    """One run's RL stage, one step at a time: `train` runs a Loop to the end, the sweep's lockstep mode
+    interleaves several. Opening it creates (or resumes) the run directory."""
 
+    def __init__(self, run: Run):
+        self.run = run
+        self.start, self.state = prepare_output(run)
+        main = run.accelerator.is_main_process
+        self.log = MetricsLog(run.out / "metrics.jsonl", main, self.start)
+        self.tracker = make_tracker(run.cfg, run.out, main)
 
-class CollectiveError(RuntimeError):
-    """A collective across processes failed: a peer process died or stopped answering."""
+    def step(self, step: int) -> dict:
+        """RL step `step` (0-based): update, log, and checkpoint when due; returns its metrics."""
+        run = self.run
+        metrics = rl_step(run, step)
+        _accumulate(self.state, metrics)
+        self.log.write(metrics)
+        if self.tracker:
+            self.tracker(metrics, step + 1)
+        if (step + 1) % run.cfg.save_steps == 0 and step + 1 < run.cfg.steps:
+            save_checkpoint(run, step + 1, self.state)
+        return metrics
 
-
-def is_collective_failure(exc: BaseException) -> bool:
-    """torch.distributed's own error types, or gloo/NCCL errors (gloo raises plain RuntimeErrors)."""
-    import torch.distributed as dist
-
-    text = str(exc)
-    return isinstance(exc, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
-                                                                       "Connection reset by peer"))
-
-
-@contextmanager
-def collective_failures(run: Run):
-    """Turn a failed collective into a CollectiveError that says what most likely happened."""
-    acc = run.accelerator
-    try:
-        yield
-    except RuntimeError as exc:
-        if acc.num_processes < 2 or isinstance(exc, CollectiveError) or not is_collective_failure(exc):
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise CollectiveError(
-            f"process {acc.process_index} of {acc.num_processes}: a collective operation failed: another process "
-            f"died or did not answer within collective_timeout_s={run.cfg.collective_timeout_s} s (see its log). "
-            f"This process stops too; resume from the last checkpoint with --resume true. "
-            f"({type(exc).__name__}: {first})") from exc
+    def finish(self) -> dict:
+        """The last checkpoint, the final model and the summary."""
+        save_checkpoint(self.run, self.run.cfg.steps, self.state)
+        return finish(self.run, self.state)
 
 
 def train(cfg: TrainConfig, run: Run | None = None) -> dict:
@@ -665,45 +442,34 @@ def train(cfg: TrainConfig, run: Run | None = None) -> dict:
     dead or stalled peer makes every other process raise CollectiveError (after at most
     collective_timeout_s) instead of hanging."""
     run = run or setup(cfg)
-    with collective_failures(run):
+    with collective_failures(run.accelerator, cfg.collective_timeout_s):
         return _train(run)
 
 
 def _train(run: Run) -> dict:
     cfg, acc = run.cfg, run.accelerator
-    start_step, state = prepare_output(run)
-    log = MetricsLog(run.out / "metrics.jsonl", acc.is_main_process, start_step)
-    tracker = make_tracker(cfg, run.out, acc.is_main_process)
-    bar = _progress(cfg, acc, start_step)
-    step = start_step
+    loop = Loop(run)
+    bar = _progress(cfg, acc, loop.start)
     try:
-        for step in range(start_step, cfg.steps):
-            metrics = rl_step(run, step)
-            _accumulate(state, metrics)
-            log.write(metrics)
-            if tracker:
-                tracker(metrics, step + 1)
+        for step in range(loop.start, cfg.steps):
+            metrics = loop.step(step)
             if bar:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", skip=len(metrics["skip_set"]))
-            if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
-                save_checkpoint(run, step + 1, state)
-        step = cfg.steps
     except KeyboardInterrupt:
-        done = len(state["rewards"])  # steps finished, resumed ones included
+        done = len(loop.state["rewards"])  # steps finished, resumed ones included
         if acc.num_processes > 1:  # processes may be stopped inside different collectives: no joint save
             if acc.is_main_process:
                 print(f"\ninterrupted: resume from the last checkpoint, {latest_checkpoint(run.out)}", flush=True)
             raise
         if acc.is_main_process:
             print(f"\ninterrupted: saving a checkpoint of step {done} to resume from", flush=True)
-        save_checkpoint(run, done, state)
+        save_checkpoint(run, done, loop.state)
         raise
     finally:
         if bar:
             bar.close()
-    save_checkpoint(run, cfg.steps, state)
-    return finish(run, state)
+    return loop.finish()
 
 
 def _accumulate(state: dict, m: dict) -> None:
@@ -724,7 +490,7 @@ def _progress(cfg: TrainConfig, acc, start: int):
 
 
 def finish(run: Run, state: dict) -> dict:
-    """Write the final HF checkpoint (output_dir/final) and summary.json."""
+    """Write the final HF checkpoint (output_dir/final) and summary.json; returns the summary."""
     acc, cfg = run.accelerator, run.cfg
     rewards = state["rewards"]
     k = max(1, len(rewards) // 10)  # first and final reward: means over a tenth of the steps (one step is noisy)
@@ -743,14 +509,5 @@ def finish(run: Run, state: dict) -> dict:
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,
         "final_checkpoint": str(run.out / "final"),
     }
-    model_sd, _ = full_state(run, optimizer=False)
-    if acc.is_main_process:
-        final = run.out / "final"
-        tmp = run.out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(run, tmp, model_sd)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    acc.wait_for_everyone()
+    save_final(run, summary)
     return summary

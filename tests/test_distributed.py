@@ -35,7 +35,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nested_reft.trainer import latest_checkpoint
+from nested_reft.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nested_reft import trainer
+from nested_reft.checkpoint import latest_checkpoint
 from nested_reft.config import ConfigError, TrainConfig
 
 
@@ -113,7 +114,7 @@ def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path, alternating_
     monkeypatch.setattr(trainer, "rl_step", dies_at_step_3)
     with pytest.raises(Killed):
         trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
-    assert trainer.latest_checkpoint(tmp_path / "cut").name == "step-000002"
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000002"
     monkeypatch.setattr(trainer, "rl_step", real)
     resumed = trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
@@ -140,7 +141,7 @@ def test_ctrl_c_saves_a_checkpoint(toy_dir, tmp_path, alternating_rewards, monke
     monkeypatch.setattr(trainer, "rl_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(small_cfg(toy_dir, tmp_path / "r", steps=3, save_steps=10))
-    assert trainer.latest_checkpoint(tmp_path / "r").name == "step-000001"
+    assert latest_checkpoint(tmp_path / "r").name == "step-000001"
 
 
 def test_run_directory_contents(toy_dir, tmp_path):
@@ -227,11 +228,11 @@ def test_sigkill_then_resume_finishes_with_the_same_skip_sets(toy_dir, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and trainer.latest_checkpoint(out) is None:
+    while time.time() < deadline and latest_checkpoint(out) is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ckpt = trainer.latest_checkpoint(out)
+    ckpt = latest_checkpoint(out)
     assert ckpt is not None
     done = int(ckpt.name.split("-")[1])
     subprocess.run(argv + ["--resume", "true"], env=env, check=True, stdout=subprocess.DEVNULL,
