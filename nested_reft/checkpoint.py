@@ -14,17 +14,29 @@ Choices:
   back to the checkpoint's step.
 """
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from nested_reft.config import ConfigError, save_yaml
 from nested_reft.distributed import weights_finite
+from nested_reft.models import save_pretrained
 
 CHECKPOINTS = "checkpoints"
+# TrainConfig fields a resume may change: they do not change what the run computes, only how long it
+# runs, how often it saves and what it shows. Every other field defines the run (a resume refuses a change).
+RESUME_MAY_CHANGE = ("steps", "save_steps", "keep_checkpoints", "resume", "report_to", "progress",
+                     "collective_timeout_s", "max_skipped_updates", "output_dir", "gradient_checkpointing")
+
+
+class CheckpointError(OSError):
+    """Writing or reading a checkpoint failed on the file system (disk full, permissions, I/O)."""
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -65,12 +77,12 @@ def full_state(run, optimizer: bool) -> tuple[dict | None, dict | None]:
 
 def save_model(run, path: Path, model_sd: dict | None) -> None:
     """save_pretrained of the policy (safetensors) and the tokenizer; `model_sd` from full_state."""
-    run.accelerator.unwrap_model(run.model).save_pretrained(path, state_dict=model_sd, safe_serialization=True)
-    run.tokenizer.save_pretrained(path)
+    save_pretrained(run.accelerator.unwrap_model(run.model), run.tokenizer, path, model_sd)
 
 
 def save_checkpoint(run, step: int, state: dict) -> Path | None:
-    """Atomically write model (safetensors), tokenizer, optimizer, scheduler and trainer state (rank 0)."""
+    """Atomically write model (safetensors), tokenizer, optimizer, scheduler and trainer state (rank 0).
+    A failure on the file system removes the temporary directory and raises CheckpointError."""
     acc = run.accelerator
     acc.wait_for_everyone()
     final = checkpoint_dir(run.out, step)
@@ -79,16 +91,36 @@ def save_checkpoint(run, step: int, state: dict) -> Path | None:
     model_sd, optim_sd = full_state(run, optimizer=True)
     if acc.is_main_process:
         tmp = final.parent / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(run, tmp, model_sd)
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with written_or_removed(tmp, f"writing checkpoint {final}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(run, tmp, model_sd)
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         prune_checkpoints(run.out, run.cfg.keep_checkpoints)
     acc.wait_for_everyone()
     return final
+
+
+class written_or_removed:
+    """Context manager: an OSError (or safetensors' error) inside removes `tmp` and becomes one
+    CheckpointError naming `what` and the cause."""
+
+    def __init__(self, tmp: Path, what: str):
+        self.tmp, self.what = tmp, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
+            return False
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        raise CheckpointError(f"{self.what} failed: {cause}{where}") from exc
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -96,18 +128,25 @@ def prune_checkpoints(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_final(run, summary: dict) -> None:
-    """output_dir/final (the HF model + tokenizer, atomically) and summary.json; every process calls it."""
+def save_final_model(run) -> None:
+    """output_dir/final: the HF model + tokenizer, atomically; every process calls it."""
     acc = run.accelerator
     model_sd, _ = full_state(run, optimizer=False)
     if acc.is_main_process:
         final, tmp = run.out / "final", run.out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(run, tmp, model_sd)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with written_or_removed(tmp, f"writing the final model {final}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(run, tmp, model_sd)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     acc.wait_for_everyone()
+
+
+def write_summary(run, summary: dict) -> None:
+    if run.accelerator.is_main_process:
+        with written_or_removed(run.out / ".tmp-summary.json", f"writing {run.out / 'summary.json'}"):
+            (run.out / ".tmp-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(run.out / ".tmp-summary.json", run.out / "summary.json")
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -120,8 +159,8 @@ def load_checkpoint(run, path: Path) -> dict:
     policy = run.accelerator.unwrap_model(run.model)
     state_dict = {}
     for shard in sorted(path.glob("*.safetensors")):
-        state_dict.update(load_file(shard))
-    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state_dict.update(_read(shard, load_file))
+    optim_sd = _read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
     by_name = any(isinstance(k, str) for k in optim_sd.get("state", {}))  # keyed by name: written under FSDP
     if optim_sd.get("state") and by_name != run.fsdp:
         raise ConfigError(f"checkpoint {path} was written {'with' if by_name else 'without'} FSDP: its optimizer "
@@ -134,8 +173,18 @@ def load_checkpoint(run, path: Path) -> dict:
     missing = [k for k in missing if k not in _tied_keys(policy)]
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    run.scheduler.load_state_dict(_read(path / "scheduler.pt", lambda f: torch.load(f, weights_only=True)))
+    return _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+
+
+def _read(path: Path, load):
+    """load(path), with any failure (missing, truncated, corrupt) as a ConfigError naming the file."""
+    try:
+        return load(path)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"checkpoint file {path} cannot be read ({type(exc).__name__}: {first}); remove "
+                          f"{path.parent} to resume from the checkpoint before it") from None
 
 
 def load_sharded(run, model_sd: dict, optim_sd: dict) -> tuple[list[str], list[str]]:
@@ -159,42 +208,72 @@ def _tied_keys(model) -> set[str]:
 
 def new_state() -> dict:
     """The running totals a checkpoint carries (trainer_state.json)."""
-    return {"runtime_s": 0.0, "tokens_processed": 0, "tokens_generated": 0, "rollout_s": 0.0,
-            "skipped_updates": 0, "rewards": []}
+    return {"runtime_s": 0.0, "step_time_s": 0.0, "tokens_processed": 0, "tokens_generated": 0, "rollout_s": 0.0,
+            "skipped_updates": 0, "consecutive_skipped": 0, "rewards": []}
 
 
-def prepare_output(run) -> tuple[int, dict]:
-    """Create the run directory (or resume it); returns (first step, accumulated state)."""
+def prepare_output(run) -> tuple[int, dict, list[dict]]:
+    """Create, restart or resume the run directory; returns (first step, accumulated state, the metrics
+    lines of the steps already done). Every check runs before anything in the directory changes:
+    - a directory with a complete checkpoint is resumed with --resume true, refused without it;
+    - a directory with no complete checkpoint (the run stopped before its first one) starts again, its
+      partial files replaced (said in one line);
+    - a resume refuses changed run-defining fields (each named, old and new value) and a checkpoint
+      beyond `steps`; a torn last metrics line (a kill while writing it) is dropped and said."""
     cfg, out = run.cfg, run.out
-    state = new_state()
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"resume: {out} has metrics but no complete checkpoint to resume from")
-    if not cfg.resume and (out / "metrics.jsonl").exists():
+    ckpt = latest_checkpoint(out)
+    started = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
+    if ckpt is not None and not cfg.resume:
         raise ConfigError(f"output_dir={str(out)!r} already holds a run; pass --resume true or choose another")
+    state, kept = new_state(), []
+    if ckpt is not None:
+        check_resumable(cfg, out, ckpt)
+        state.update(load_checkpoint(run, ckpt))
+        kept = read_metrics(out / "metrics.jsonl", upto=int(state["step"]))
+    elif started and run.accelerator.is_main_process:
+        print(f"{out}: no complete checkpoint (the run stopped before its first one); starting it again, its "
+              f"metrics and partial files replaced", file=sys.stderr, flush=True)
+    run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in [*(out / CHECKPOINTS).glob(".tmp-*"), out / ".tmp-final"] + ([] if ckpt else [out / "summary.json"]):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         save_yaml(cfg, out / "config.yaml")
     run.accelerator.wait_for_everyone()
-    if ckpt is None:
-        return 0, state
-    state.update(load_checkpoint(run, ckpt))
-    return int(state["step"]), state
+    return int(state.get("step", 0)), state, kept
 
 
-class MetricsLog:
-    """metrics.jsonl on the main process: one flushed line per step; truncated to `step` on resume."""
+def check_resumable(cfg, out: Path, ckpt: Path) -> None:
+    """The saved config.yaml's run-defining fields equal cfg's, and the checkpoint is within `steps`."""
+    saved_path = out / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else {}
+    new = dataclasses.asdict(cfg)
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in new.items()
+               if k in (saved or {}) and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise ConfigError(f"resume: {out} was trained with other settings; a resume must keep them "
+                          f"(only {', '.join(RESUME_MAY_CHANGE)} may change):\n  " + "\n  ".join(changed))
+    step = int(ckpt.name.split("-")[1])
+    if step > cfg.steps:
+        raise ConfigError(f"resume: the latest checkpoint {ckpt.name} is beyond steps={cfg.steps}")
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            lines = path.read_text().splitlines() if (resume_step and path.exists()) else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
 
-    def write(self, metrics: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+def read_metrics(path: Path, upto: int) -> list[dict]:
+    """The metrics lines of steps 1..upto. A torn last line is dropped (said on stderr); any other line
+    that is not JSON is an error naming path:line."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                print(f"{path}:{i}: dropped a torn last line (the run was stopped while writing it)",
+                      file=sys.stderr, flush=True)
+                continue
+            raise ConfigError(f"{path}:{i}: not a JSON metrics line; fix or remove it to resume") from None
+        if m.get("step", 0) <= upto:
+            kept.append(m)
+    return kept

@@ -14,6 +14,19 @@ class UsageError(Exception):
     """A bad input found before work started: printed as `error: ...`, exit code 2."""
 
 
+class RunFailure(Exception):
+    """A failure during the work (disk full, a dead peer process, diverged weights): `error: ...`, exit 1."""
+
+
+def _run_failures():
+    """The exception types that are failures during a run (exit 1), not bad input (exit 2)."""
+    from nested_reft.checkpoint import CheckpointError
+    from nested_reft.distributed import CollectiveError
+    from nested_reft.trainer import TrainingError
+
+    return CheckpointError, CollectiveError, TrainingError
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -154,9 +167,12 @@ def _resolve_config(args):
 
 
 def _run_config(run, args):
-    """`run(config)` for a `_add_config_parser` subcommand; bad input (a file, a value) is a usage error."""
+    """`run(config)` for a `_add_config_parser` subcommand; bad input (a file, a value) is a usage error,
+    a failure while working (e.g. the disk filled up) a run failure."""
     try:
         return run(_resolve_config(args))
+    except _run_failures() as exc:
+        raise RunFailure(str(exc)) from exc
     except (OSError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
 
@@ -197,7 +213,6 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from nested_reft.config import ConfigError
-    from nested_reft.distributed import CollectiveError
     from nested_reft.trainer import setup, train
 
     cfg = _resolve_config(args)
@@ -206,9 +221,8 @@ def _run_train(args) -> int:
         summary = train(cfg, run)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
-    except CollectiveError as exc:  # another process died or stalled: say so, exit 1 (not a usage error)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except _run_failures() as exc:  # disk, a dead or stalled peer, diverged weights: exit 1 (not a usage error)
+        raise RunFailure(str(exc)) from exc
     except KeyboardInterrupt:
         print("interrupted; resume with --resume true", file=sys.stderr)
         return 130
@@ -318,7 +332,8 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="deltas to the baseline, the paper's Table 2, Figure-1 plots, linear fits, reward curves",
                        description="Matches each nested run to its baseline (same model and dataset, x = 0) and reports "
                                    "accuracy, token speed and runtime deltas; plots every run's training reward per step "
-                                   "(reward_curves.png). A directory without config.yaml is "
+                                   "(reward_curves.png) and its off-policy KL against the reward "
+                                   "(offpolicy_kl.png). A directory without config.yaml is "
                                    "searched one level down.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or directories of runs)")
     p.add_argument("--output-dir", help="write report.md, report.json and the PNG figures here")
@@ -361,6 +376,9 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

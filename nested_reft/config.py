@@ -11,6 +11,7 @@ Choices:
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -139,14 +140,40 @@ def check_choice(errors: list, name: str, value, allowed) -> None:
         errors.append(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
-def check_range(errors: list, name: str, value, low=None, high=None, low_open=False) -> None:
-    """Append an error unless low <= value <= high (low < value when low_open)."""
-    bad = value is None or (low is not None and (value <= low if low_open else value < low))
-    bad = bad or (high is not None and value is not None and value > high)
+def check_range(errors: list, name: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    """Append an error unless value is a finite number with low <= value <= high (low < value when
+    low_open, value < high when high_open). NaN and infinities never pass (`nan <= 0` is False)."""
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    bad = not finite or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
     if bad:
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
-        hi = "" if high is None else f"<= {high}"
-        errors.append(f"{name}={value!r} must be {' and '.join(p for p in (lo, hi) if p)}")
+        hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
+        rng = " and ".join(p for p in (lo, hi) if p)
+        errors.append(f"{name}={value!r} must be " + ("a finite number " if not finite else "") + rng)
+
+
+def check_finite_floats(errors: list, cfg) -> None:
+    """Append an error for every float field of the dataclass `cfg` that is NaN or infinite (unless the
+    same field already has an error)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value) and not any(e.startswith(f"{f.name}=") for e in errors):
+            errors.append(f"{f.name}={value!r} must be a finite number")
+
+
+def output_dir_problems(path: Path) -> list[str]:
+    """Why `path` cannot become an output directory (nothing is created): it or a parent is a file, or the
+    nearest existing parent is not writable. An empty list when it can."""
+    path = Path(path).expanduser().absolute()
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                return [f"output_dir={str(path)!r}: {parent} exists and is not a directory"]
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return [f"output_dir={str(path)!r}: {parent} is not writable (permission denied)"]
+            return []
+    return []
 
 
 def raise_if(errors: list) -> None:
@@ -162,7 +189,8 @@ def save_yaml(cfg, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-MITIGATIONS = ("base", "practical", "retrace")
+PAPER_MITIGATIONS = ("base", "practical", "retrace")  # what demo and sweep run by default
+MITIGATIONS = PAPER_MITIGATIONS + ("tis", "mis")  # tis, mis: beyond the paper (objectives.py)
 IS_LEVELS = ("token", "sequence")
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo")
 
@@ -180,12 +208,15 @@ class TrainConfig:
     output_dir: str = doc("runs/train", "run directory: config, metrics, checkpoints")
     skip_ratio: float = doc(0.0, "x: fraction of the N layers the behaviour model skips (0 = plain ReFT)")
     border: int | None = doc(None, "b: the first and last b layers are never skipped (default: 1 if skip_ratio > 0, else 0)")
-    mitigation: str = doc("base", "importance weight h_m: base (rho), practical (1) or retrace (lam*min(1,rho))")
+    mitigation: str = doc("base", "importance weight h_m: base (rho), practical (1), retrace (lam*min(1,rho)), "
+                                  "tis (min(rho,C)) or mis (rho if C_low<=rho<=C, else 0)")
     lam: float = doc(1.0, "lambda of retrace; must be > 0")
+    is_cap: float = doc(2.0, "C of tis and mis: the cap on rho; must be > 0")
+    is_cap_low: float | None = doc(None, "C_low of mis: smaller rho are masked (default: 1/is_cap)")
     is_level: str = doc("token", "importance ratio per token or per sequence (sequence: high variance)")
     num_generations: int = doc(8, "G completions per prompt (>= 2 for group advantages)")
     max_new_tokens: int = doc(256, "completion length cap")
-    min_new_tokens: int = doc(256, "EOS suppressed before this many tokens (= max: fixed length, as the paper)")
+    min_new_tokens: int | None = doc(None, "EOS suppressed before this many tokens (default: max_new_tokens, fixed length as the paper)")
     temperature: float = doc(1.0, "rollout sampling temperature T (> 0)")
     top_p: float = doc(1.0, "rollout nucleus mass")
     top_k: int = doc(0, "rollout top-k (0 = off)")
@@ -216,10 +247,14 @@ class TrainConfig:
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
     progress: bool = doc(True, "show a progress bar")
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
+    disable_dropout: bool = doc(True, "switch the policy's dropout off (rollouts and pi_old run without it; TRL's default)")
+    max_skipped_updates: int = doc(10, "stop with an error after this many consecutive skipped (non-finite) updates")
 
     def __post_init__(self):
         if self.border is None:
             self.border = 1 if self.skip_ratio and self.skip_ratio > 0 else 0
+        if self.min_new_tokens is None:
+            self.min_new_tokens = self.max_new_tokens
 
     def validate(self) -> None:
         """Check every field that needs no model or data; raises ConfigError listing all problems."""
@@ -230,6 +265,15 @@ class TrainConfig:
         check_range(e, "border", self.border, 0)
         check_choice(e, "mitigation", self.mitigation, MITIGATIONS)
         check_range(e, "lam", self.lam, 0.0, low_open=True)
+        check_range(e, "is_cap", self.is_cap, 0.0, low_open=True)
+        if self.is_cap_low is not None:
+            check_range(e, "is_cap_low", self.is_cap_low, 0.0, low_open=True)
+        caps_ok = not any(x.startswith(("is_cap=", "is_cap_low=")) for x in e)
+        if caps_ok and self.is_cap_low is not None and self.is_cap_low > self.is_cap:
+            e.append(f"is_cap_low={self.is_cap_low!r} must be <= is_cap={self.is_cap!r}")
+        elif caps_ok and self.mitigation == "mis" and self.is_cap_low is None and self.is_cap < 1:
+            e.append(f"is_cap={self.is_cap!r} < 1 with is_cap_low unset (1/is_cap = {1 / self.is_cap:g} > is_cap) "
+                     "leaves mis no ratio to keep; set is_cap_low <= is_cap")
         check_choice(e, "is_level", self.is_level, IS_LEVELS)
         check_range(e, "num_generations", self.num_generations, 2)
         check_range(e, "max_new_tokens", self.max_new_tokens, 1)
@@ -240,14 +284,16 @@ class TrainConfig:
         check_choice(e, "logprobs", self.logprobs, ("sampled", "recompute"))
         check_choice(e, "template", self.template, ("auto", "chat", "plain"))
         for name in ("steps", "batch_size", "micro_batch_size", "rollout_batch_size", "num_iterations",
-                     "save_steps", "keep_checkpoints", "collective_timeout_s"):
+                     "save_steps", "keep_checkpoints", "collective_timeout_s", "max_skipped_updates"):
             check_range(e, name, getattr(self, name), 1)
         if self.batch_size % max(self.micro_batch_size, 1):
             e.append(f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}")
         check_range(e, "lr", self.lr, 0.0, low_open=True)
-        for name in ("weight_decay", "max_grad_norm", "epsilon", "beta", "warmup_ratio"):
+        for name in ("weight_decay", "max_grad_norm", "epsilon", "beta"):
             check_range(e, name, getattr(self, name), 0.0)
         check_range(e, "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_range(e, name, getattr(self, name), 0.0, 1.0, high_open=True)
         check_choice(e, "lr_scheduler", self.lr_scheduler, ("linear", "cosine", "constant"))
         check_choice(e, "loss_type", self.loss_type, LOSS_TYPES)
         check_choice(e, "scale_rewards", self.scale_rewards, ("group", "none"))
@@ -255,4 +301,10 @@ class TrainConfig:
         check_choice(e, "bf16", str(self.bf16).lower(), ("auto", "true", "false"))
         if self.limit is not None:
             check_range(e, "limit", self.limit, 1)
+        if self.is_level == "sequence" and self.mitigation != "practical":
+            import warnings
+
+            warnings.warn("is_level=sequence: the importance ratio is a product over the whole completion, whose "
+                          "variance grows with its length (high variance); token level is the default", stacklevel=2)
+        check_finite_floats(e, self)
         raise_if(e)

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from nested_reft.config import MITIGATIONS
+from nested_reft.config import MITIGATIONS, PAPER_MITIGATIONS
 
 MODEL_LABEL = "toy-28L"
 # RL hyperparameters of the toy task (mirrored in configs/toy.yaml).
@@ -54,7 +54,7 @@ class DemoConfig:
     eval_limit: int | None = None  # evaluate on the first N test problems (None: all)
     steps: int = TOY_RL["steps"]  # RL steps per run
     skip_ratio: float = 0.15  # x of the nested runs
-    mitigations: list = dataclasses.field(default_factory=lambda: list(MITIGATIONS))
+    mitigations: list = dataclasses.field(default_factory=lambda: list(PAPER_MITIGATIONS))
     sft_epochs: int | None = None  # None: synthetic.TOY_SFT's
     threads: int = min(2, os.cpu_count() or 1)  # torch CPU threads (1 on a machine busy with other work)
     quick: bool = False  # tiny preset for tests (overrides the sizes above)

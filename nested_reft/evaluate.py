@@ -30,7 +30,8 @@ from tqdm import tqdm
 from nested_reft.config import doc
 from nested_reft.data import Example, encode_prompt, load_examples, resolve_template
 from nested_reft.rewards import extract_answer, math_reward
-from nested_reft.rollout import SamplingConfig, generate
+from nested_reft.models import context_length, eos_ids
+from nested_reft.rollout import SamplingConfig, completion_texts, generate
 
 PAPER_BENCHMARKS = ("aime24", "amc", "math500", "minerva", "olympiadbench")
 
@@ -80,6 +81,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise ValueError(f"eval: `dtype` must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.template not in ("auto", "chat", "plain"):
         raise ValueError(f"eval: `template` must be auto, chat or plain, got {cfg.template!r}")
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"eval: `{name}` must be a finite number, got {getattr(cfg, name)}")
     sampling_config(cfg, cfg.max_new_tokens).validate()  # temperature, top_p
     if cfg.output_dir is not None and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         raise ValueError(f"eval: output_dir {cfg.output_dir} exists and is not a directory")
@@ -106,11 +110,6 @@ def load_benchmarks(cfg: EvalConfig) -> dict[str, list[Example]]:
 # ---- generation -------------------------------------------------------------------------------
 
 
-def context_length(model) -> int | None:
-    """The model's max_position_embeddings, if its config has one."""
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
-
-
 def token_budget(model, name: str, prompts: list[list[int]], examples: list[Example], max_new_tokens: int) -> int:
     """max_new_tokens, capped so the benchmark's longest prompt + completion fits the context (warns)."""
     context = context_length(model)
@@ -127,15 +126,6 @@ def token_budget(model, name: str, prompts: list[list[int]], examples: list[Exam
     return budget
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the generation config's (may be a list) and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, budget: int,
                        bar=None) -> list[list[tuple[str, int]]]:
     """n (text, num_tokens) completions per prompt, batched over length-sorted prompts, in input order."""
@@ -149,9 +139,9 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConf
         chunk = order[start:start + cfg.batch_size]
         roll = generate(model, [prompts[i] for i in chunk], cfg.n, sampling_config(cfg, budget),
                         eos, pad, skip=tuple(cfg.skip_layers or ()), generator=generator)  # rows [B*n, L], prompt-major
-        for row, (ids, mask) in enumerate(zip(roll.completion_ids.tolist(), roll.completion_mask.tolist())):
-            tokens = [t for t, m in zip(ids, mask) if m]  # up to and including EOS
-            out[chunk[row // cfg.n]].append((tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)))
+        lengths = roll.completion_mask.sum(-1).tolist()  # tokens up to and including EOS
+        for row, text in enumerate(completion_texts(tokenizer, roll)):
+            out[chunk[row // cfg.n]].append((text, int(lengths[row])))
         if bar is not None:
             bar.update(len(chunk))
     return out
@@ -245,7 +235,7 @@ def format_table(summary: dict) -> str:
 def run_eval(cfg: EvalConfig) -> dict:
     """The CLI path: check the config, load the benchmarks, then the model, then evaluate."""
     from nested_reft.bench import resolve_device, resolve_dtype
-    from nested_reft.sft import load_model_and_tokenizer
+    from nested_reft.models import load_model_and_tokenizer
 
     check_config(cfg)
     if not cfg.model:

@@ -21,7 +21,10 @@ Choices:
 - Figures (matplotlib, Agg): one PNG per metric like the paper's Figure 1a-c; a panel per (model, data
   set), a line per mitigation, the baseline at 0, red / green annotations on the smallest / largest value,
   and the fitted line on the efficiency panels. reward_curves.png: every run's training reward per step
-  from metrics.jsonl, with a moving mean (one step's reward is noisy).
+  from metrics.jsonl, with a moving mean (one step's reward is noisy). offpolicy_kl.png: every run's
+  per-step off-policy KL (k3 estimate of KL(eta' || pi_old), `rollout_corr/k3_kl`) on the left axis and
+  its per-step reward on the right, one line pair per run; runs whose metrics.jsonl lacks the field
+  (older runs) are left out of this figure only.
 """
 
 import json
@@ -33,8 +36,9 @@ import yaml
 
 from nested_reft.layer_skip import num_skipped
 
-MITIGATION_ORDER = ("base", "practical", "retrace")
-COLORS = {"base": "tab:blue", "practical": "tab:orange", "retrace": "tab:green"}
+MITIGATION_ORDER = ("base", "practical", "retrace", "tis", "mis")
+COLORS = {"base": "tab:blue", "practical": "tab:orange", "retrace": "tab:green", "tis": "tab:red", "mis": "tab:purple"}
+OFFPOLICY_KL = "rollout_corr/k3_kl"  # the metrics.jsonl field offpolicy_kl.png plots
 METRICS = {  # name: (Run field, axis label, figure file)
     "accuracy": ("accuracy", "Δ accuracy (% of baseline)", "delta_accuracy.png"),
     "token_speed": ("token_speed", "Δ token speed (% of baseline tokens/s)", "delta_token_speed.png"),
@@ -333,6 +337,27 @@ def read_rewards(path) -> list[float] | None:
     return rewards
 
 
+def read_offpolicy(path) -> list[tuple[float, float]] | None:
+    """(k3 KL, reward_mean) per step from a run's metrics.jsonl; None when there is no metrics.jsonl or a
+    line lacks the KL field (a run from before it was logged). A null (non-finite) KL is NaN (a gap)."""
+    f = Path(path) / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    points = []
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+            if OFFPOLICY_KL not in m:
+                return None
+            kl = m[OFFPOLICY_KL]
+            points.append((math.nan if kl is None else float(kl), float(m["reward_mean"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{f}:{i}: bad metrics line ({exc!r})") from None
+    return points
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     """Mean of the last `window` values at every position (fewer at the start)."""
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
@@ -366,6 +391,41 @@ def plot_rewards(runs: list[Run], path: Path, window: int | None = None) -> Path
                 label=run_label(r, with_model))
     ax.set(title=f"Training reward per RL step (faint: each step; solid: mean of the last {window} steps)",
            xlabel="RL step", ylabel="mean reward of the step's rollouts", ylim=(0, None))
+    ax.title.set_fontsize(10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_offpolicy(runs: list[Run], path: Path) -> Path | None:
+    """Per-step off-policy KL (k3, left axis, solid) and reward (right axis, dashed) of every run whose
+    metrics.jsonl has the KL field, one colour per run. None when no run has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(r, pts) for r in sorted(runs, key=_order) if (pts := read_offpolicy(r.path))]
+    if not series:
+        return None
+    with_model = len({(r.model, r.dataset) for r, _ in series}) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    right = ax.twinx()
+    for k, (r, pts) in enumerate(series):
+        color = "black" if r.skip_ratio == 0 else colors[k % len(colors)]
+        steps = range(1, len(pts) + 1)
+        kl, reward = zip(*pts)
+        ax.plot(steps, kl, color=color, linewidth=1.6, label=run_label(r, with_model))
+        right.plot(steps, reward, color=color, linewidth=1.2, linestyle="--", alpha=0.7)
+    ax.set(title="Off-policy KL(η' || π_old) per RL step (solid, k3, left) and reward (dashed, right)",
+           xlabel="RL step", ylabel="k3 estimate of KL(η' || π_old)", ylim=(0, None))
+    right.set(ylabel="mean reward of the step's rollouts", ylim=(0, None))
     ax.title.set_fontsize(10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
@@ -460,6 +520,8 @@ def build_report(paths, output_dir=None, figures: bool = True) -> dict:
            "skipped": skipped + orphans}
     if out and figures and (curve := plot_rewards(runs, out / "reward_curves.png")):
         rep["figures"].append(str(curve))
+    if out and figures and (kl := plot_offpolicy(runs, out / "offpolicy_kl.png")):
+        rep["figures"].append(str(kl))
     rep["markdown"] = to_markdown(rep, runs, deltas, fit_list)
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -138,8 +138,13 @@ def sampling_uniforms(generator, num_prompts: int, num_generations: int, length:
                       for g in generator])
 
 
-def _eos_tensor(eos_token_id, device) -> torch.Tensor:
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+def eos_tensor(eos_token_id, device) -> torch.Tensor:
+    """EOS ids as a 1-D long tensor: from None, one id (0 included), a list of ids, or such a tensor."""
+    if eos_token_id is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if isinstance(eos_token_id, torch.Tensor):
+        return eos_token_id.reshape(-1).to(device=device, dtype=torch.long)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -221,7 +226,7 @@ def generate(
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(num_generations)]
     ids, mask = left_pad(rows, pad_token_id, device)
-    eos = _eos_tensor(eos_token_id, device)
+    eos = eos_tensor(eos_token_id, device)
     greedy = cfg.temperature == 0
     uniforms = None if greedy else sampling_uniforms(generator, len(prompts), num_generations, cfg.max_new_tokens,
                                                      device)
@@ -233,9 +238,10 @@ def generate(
             with _decode_mode(model):
                 decoded = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
             tokens, cmask, logps = (t.clone() for t in decoded)
-            if cfg.logprobs == "recompute":
-                logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature,
-                                          eos_token_id=eos, min_new_tokens=cfg.min_new_tokens)
+            if cfg.logprobs == "recompute":  # no graph: behaviour log-probs are constants of the update
+                with torch.no_grad():
+                    logps = sequence_logprobs(model, ids, mask, tokens, cmask, cfg.temperature,
+                                              eos_token_id=eos, min_new_tokens=cfg.min_new_tokens)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
@@ -243,15 +249,22 @@ def generate(
     return Rollout(ids, mask, tokens, cmask, logps, tuple(sorted(skip)), int(mask.sum()), int(cmask.sum()), elapsed)
 
 
+def completion_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """Each row's completion as text, decoded from its masked tokens only (up to and including EOS): the
+    padding after EOS never reaches the text (pad or id 0 can be an ordinary token such as "!")."""
+    rows = zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist())
+    return [tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True) for ids, mask in rows]
+
+
 def sequence_logprobs(
     model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-    batch_size: int | None = None, eos_token_id=None, min_new_tokens: int = 0,
-) -> torch.Tensor:
+    batch_size: int | None = None, eos_token_id=None, min_new_tokens: int = 0, entropy: bool = False,
+):
     """Teacher-forced log pi(y_l | s_l) of the completion tokens, [N, L] float32, with the same
     temperature scaling as sampling (T = 0, greedy, scores with T = 1) and, given `eos_token_id`, the
     same EOS suppression before `min_new_tokens`. Runs with grad if grad is enabled (the trainer's
-    policy pass)."""
-    banned = _eos_tensor(eos_token_id, prompt_ids.device) if min_new_tokens > 0 else None
+    policy pass). `entropy=True` also returns the entropy [N, L] of each scored distribution."""
+    banned = eos_tensor(eos_token_id, prompt_ids.device) if min_new_tokens > 0 else None
     ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -262,6 +275,8 @@ def sequence_logprobs(
         logits = model(input_ids=ids[i:i + step], attention_mask=mask[i:i + step],
                        position_ids=positions[i:i + step], use_cache=False,
                        logits_to_keep=length + 1).logits[:, :-1]  # [n, L, V]: position t predicts t+1
-        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0, banned, min_new_tokens))
-    return torch.cat(chunks, dim=0)
-
+        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0, banned, min_new_tokens,
+                                     entropy=entropy))
+    if not entropy:
+        return torch.cat(chunks, dim=0)
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

@@ -5,14 +5,15 @@ Choices:
   the model and tokenizer, and that every prompt fits `max_length`. A bad input writes nothing.
 - One example = prompt tokens (labels -100) + target tokens + EOS; batches are right-padded and the
   padding is masked too. A target cut by `max_length` is counted in the summary, never dropped.
-- Each micro-batch loss is the token mean (HF's shifted cross-entropy); an update averages
-  `grad_accum_steps` micro-batches, clips the gradient norm to `max_grad_norm`, then AdamW with linear
-  warmup and decay. A non-finite loss or gradient norm skips that update (counted), weights untouched.
+- An update's loss is the mean over every target token of its `grad_accum_steps` micro-batches and of
+  all processes (each micro-batch's summed cross-entropy divided by the update's total target tokens, as
+  transformers' Trainer does with `num_items_in_batch`), so an example weighs by its tokens, not by
+  the micro-batch it landed in. Then the gradient norm is clipped to `max_grad_norm`, then AdamW with
+  linear warmup and decay. A non-finite loss or gradient norm skips that update (counted), weights untouched.
 - It runs through `accelerate.Accelerator`: CUDA when present (bf16 autocast there by default), CPU
   otherwise, and `accelerate launch` / `torchrun` shard the examples over processes (DDP; gloo on CPU).
-  Each process's micro-batch loss is its own token mean and DDP averages the processes, so N processes
-  with batch_size b match one process with b*N only when the processes' token counts are equal. The
-  reported losses are means over processes; a dead or stalled peer fails the collectives after
+  The token count is summed over processes, so N processes with batch_size b give the gradient of one
+  process with b*N. A dead or stalled peer fails the collectives after
   `collective_timeout_s` instead of hanging; only process 0 writes the checkpoint (docs/distributed.md).
 - `layer_drop` x > 0 (beyond the paper; off by default) runs every other update through a fresh nested
   model (skip ratio x, border 1, the RL trainer's sampler, seeded by (seed, update)), like LayerDrop. A
@@ -35,9 +36,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nested_reft.config import doc
+from nested_reft.config import (ConfigError, check_choice, check_finite_floats, check_range, doc, output_dir_problems,
+                                raise_if)
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
+from nested_reft.distributed import global_sum
+from nested_reft.models import load_model_and_tokenizer, save_pretrained
 from nested_reft.nested import enable_activation_checkpointing
+from nested_reft.objectives import token_logprobs
 
 
 @dataclass
@@ -66,28 +71,25 @@ class SFTConfig:
 
 
 def check_config(cfg: SFTConfig) -> None:
-    """Raise ValueError naming the first bad field (or an FSDP launch, which sft does not support)."""
+    """Raise ConfigError (a ValueError) naming every bad field (or an FSDP launch, which sft does not support)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise ValueError("sft: FSDP is not supported (only `train` shards the model); launch sft with DDP "
-                         "(e.g. configs/accelerate/ddp-multigpu.yaml) or a model that fits one device")
-    for name in ("model", "dataset", "output_dir"):
-        if not getattr(cfg, name):
-            raise ValueError(f"sft: `{name}` is required")
+        raise ConfigError("sft: FSDP is not supported (only `train` shards the model); launch sft with DDP "
+                          "(e.g. configs/accelerate/ddp-multigpu.yaml) or a model that fits one device")
+    e = [f"sft: `{name}` is required" for name in ("model", "dataset", "output_dir") if not getattr(cfg, name)]
     for name in ("epochs", "batch_size", "grad_accum_steps", "max_length", "collective_timeout_s"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"sft: `{name}` must be >= 1, got {getattr(cfg, name)}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"sft: `lr` must be a positive number, got {cfg.lr}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise ValueError(f"sft: `warmup_ratio` must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.weight_decay < 0 or cfg.max_grad_norm <= 0:
-        raise ValueError("sft: `weight_decay` must be >= 0 and `max_grad_norm` > 0")
-    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ValueError(f"sft: `output_dir` {cfg.output_dir} exists and is not a directory")
-    if not 0 <= cfg.layer_drop < 1:
-        raise ValueError(f"sft: `layer_drop` must be in [0, 1), got {cfg.layer_drop}")
-    if cfg.template not in ("auto", "chat", "plain"):
-        raise ValueError(f"sft: `template` must be auto, chat or plain, got {cfg.template!r}")
+        check_range(e, name, getattr(cfg, name), 1)
+    check_range(e, "lr", cfg.lr, 0.0, low_open=True)
+    check_range(e, "warmup_ratio", cfg.warmup_ratio, 0.0, 1.0, high_open=True)
+    check_range(e, "weight_decay", cfg.weight_decay, 0.0)
+    check_range(e, "max_grad_norm", cfg.max_grad_norm, 0.0, low_open=True)
+    check_range(e, "layer_drop", cfg.layer_drop, 0.0, 1.0, high_open=True)
+    check_choice(e, "template", cfg.template, ("auto", "chat", "plain"))
+    if cfg.limit is not None:
+        check_range(e, "limit", cfg.limit, 1)
+    check_finite_floats(e, cfg)
+    if cfg.output_dir:
+        e += output_dir_problems(Path(cfg.output_dir))
+    raise_if(e)
 
 
 # ---- examples and batches ---------------------------------------------------------------------
@@ -142,26 +144,17 @@ def prepare(cfg: SFTConfig, tokenizer) -> tuple[list, int]:
 # ---- loading and saving -----------------------------------------------------------------------
 
 
-def load_model_and_tokenizer(name: str, dtype=torch.float32):
-    """AutoModelForCausalLM + AutoTokenizer, with a readable error when either does not load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load model '{name}': {exc}") from None
-    return model, tokenizer
-
-
 def save_atomically(model, tokenizer, summary: dict, output_dir: Path) -> None:
-    """save_pretrained into a temporary sibling, then rename it into place (replacing an old one)."""
+    """save_pretrained into a temporary sibling, then rename it into place (replacing an old one). A file
+    system failure removes the temporary directory and raises CheckpointError."""
+    from nested_reft.checkpoint import written_or_removed
+
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with written_or_removed(tmp, f"writing the SFT checkpoint {output_dir}"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tokenizer, tmp)
+        (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if output_dir.exists():
         old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
         output_dir.rename(old)
@@ -198,26 +191,38 @@ def update_skip_set(model, cfg: SFTConfig, update: int) -> tuple[int, ...]:
     return skip_set_at(num_layers(model), cfg.layer_drop, 1, cfg.seed, update)
 
 
+def target_nll(model, batch: dict) -> torch.Tensor:
+    """Summed negative log-likelihood of a micro-batch's target tokens (labels != -100), float32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # [B, L-1, V]
+    labels = batch["labels"][:, 1:]  # [B, L-1]: position t predicts token t+1
+    mask = labels != -100
+    return -(token_logprobs(logits, labels.clamp(min=0)) * mask).sum()
+
+
+def num_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def train_update(model, accelerator, optimizer, micro: list[dict], max_grad_norm: float,
                  skip: tuple[int, ...] = ()) -> tuple[float, int, bool]:
-    """One optimizer update over micro-batches, with the layers in `skip` bypassed; returns (mean loss,
-    tokens, applied)."""
+    """One optimizer update over micro-batches, with the layers in `skip` bypassed; returns (loss = mean
+    NLL per target token over the update and all processes, tokens processed here, applied)."""
     from nested_reft.nested import skip_layers
 
-    losses, tokens = [], 0
+    total = max(global_sum(accelerator, sum(num_targets(b) for b in micro)), 1.0)  # the update's target tokens
+    nll, tokens = torch.zeros((), device=accelerator.device), 0
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
         nested = skip_layers(accelerator.unwrap_model(model), skip) if skip else nullcontext()
         with nullcontext() if sync else accelerator.no_sync(model), nested:
-            loss = model(**batch).loss  # mean over this micro-batch's target tokens
-            accelerator.backward(loss / len(micro))
-        losses.append(loss.detach())
+            part = target_nll(model, batch)
+            accelerator.backward(part * accelerator.num_processes / total)  # DDP averages: undo it
+        nll = nll + part.detach()
         tokens += int(batch["attention_mask"].sum())
-    loss = torch.stack(losses).mean()
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    bad = float(not (torch.isfinite(loss) and torch.isfinite(norm)))
-    stats = accelerator.reduce(torch.stack([loss.float(), torch.tensor(bad, device=loss.device)]), "sum")
-    loss, applied = stats[0] / accelerator.num_processes, stats[1].item() == 0  # every process agrees
+    bad = float(not (torch.isfinite(nll) and torch.isfinite(norm)))
+    stats = accelerator.reduce(torch.stack([nll.float(), torch.tensor(bad, device=nll.device)]), "sum")
+    loss, applied = stats[0] / total, stats[1].item() == 0  # every process agrees
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
-from nested_reft.config import MITIGATIONS, ConfigError, TrainConfig, doc, raise_if, resolve
+from nested_reft.config import MITIGATIONS, PAPER_MITIGATIONS, ConfigError, TrainConfig, doc, raise_if, resolve
 
 EVAL_DIR = "eval"
 GRID_FIELDS = ("model", "dataset", "data_dir", "output_dir", "skip_ratio", "mitigation", "resume")
@@ -49,7 +49,7 @@ class SweepSpec:
     datasets: list[str] = doc([], "training sets (names under data_dir, .jsonl paths or hub ids)")
     data_dir: str | None = doc(None, "data root for training and eval (default: $NESTED_REFT_DATA)")
     skip_ratios: list[float] = doc([0.05, 0.10, 0.15], "skip ratios x of the nested runs")
-    mitigations: list[str] = doc(list(MITIGATIONS), "importance weights h_m of the nested runs")
+    mitigations: list[str] = doc(list(PAPER_MITIGATIONS), "importance weights h_m of the nested runs")
     baseline: bool = doc(True, "also run the baseline (x = 0, b = 0, m = base) per model x dataset")
     train_config: str | None = doc(None, "TrainConfig YAML shared by every run")
     train: dict = doc({}, "TrainConfig fields shared by every run (override train_config)")

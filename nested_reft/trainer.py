@@ -26,7 +26,11 @@ Choices:
 """
 
 import math
+import signal
+import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +38,20 @@ from typing import NamedTuple
 
 import torch
 
-from nested_reft.checkpoint import MetricsLog, latest_checkpoint, prepare_output, save_checkpoint, save_final
-from nested_reft.config import ConfigError, TrainConfig
+from nested_reft.checkpoint import latest_checkpoint, prepare_output, save_checkpoint, save_final_model, write_summary
+from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
-from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, global_sum, make_accelerator,
-                                     shard_model, use_fsdp)
+from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, gather_tensor, global_sum,
+                                     make_accelerator, shard_model, use_fsdp)
 from nested_reft.layer_skip import check_skip_config, skip_set_at
+from nested_reft.metrics import Means, MetricsLog, clipped_completions, reward_stats
+from nested_reft.models import context_length, disable_dropout, load_model_and_tokenizer
+from nested_reft.models import eos_ids as model_eos_ids
 from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers
-from nested_reft.objectives import group_advantages, importance_weights, policy_loss
+from nested_reft.objectives import (combine_offpolicy, finish_offpolicy, group_advantages, importance_weights,
+                                    offpolicy_sums, policy_loss)
 from nested_reft.rewards import math_reward
-from nested_reft.rollout import Rollout, SamplingConfig, generate, sequence_logprobs
+from nested_reft.rollout import Rollout, SamplingConfig, completion_texts, generate, sequence_logprobs
 
 
 class Prompt(NamedTuple):
@@ -67,24 +75,14 @@ class Run:
     num_layers: int
     out: Path
     fsdp: bool = False  # model (and reference) sharded with FSDP2's fully_shard
+    dirty: bool = False  # the optimizer stepped in this step and its bookkeeping is not done yet
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the weights diverged); the last checkpoint is the place to resume from."""
 
 
 # ---- setup ------------------------------------------------------------------------------------
-
-
-def _load_model(name: str, device=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model={name!r} does not load: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(f"model={name!r}: its tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
 
 
 def load_prompts(cfg: TrainConfig, tokenizer) -> list[Prompt]:
@@ -94,6 +92,9 @@ def load_prompts(cfg: TrainConfig, tokenizer) -> list[Prompt]:
         raise ConfigError(f"dataset={cfg.dataset!r}: {exc}") from None
     if not examples:
         raise ConfigError(f"dataset={cfg.dataset!r} split={cfg.split!r} has no examples")
+    if len(examples) < cfg.batch_size:
+        warnings.warn(f"dataset={cfg.dataset!r} has {len(examples)} examples, fewer than batch_size="
+                      f"{cfg.batch_size}: every step repeats prompts", stacklevel=2)
     return [Prompt(encode_prompt(tokenizer, ex.problem, cfg.template), ex.answer,
                    list((ex.meta or {}).get("answer_alternatives") or [])) for ex in examples]
 
@@ -109,26 +110,41 @@ def check_model(cfg: TrainConfig, model) -> int:
     return n
 
 
+def check_context(cfg: TrainConfig, model, prompts: list[Prompt]) -> None:
+    """The longest prompt + max_new_tokens must fit the model's max_position_embeddings."""
+    context = context_length(model)
+    longest = max(len(p.ids) for p in prompts)
+    if context is not None and longest + cfg.max_new_tokens > context:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: the longest prompt ({longest} tokens) + completion "
+                          f"does not fit the model's max_position_embeddings={context}; lower max_new_tokens to "
+                          f"{context - longest} or less")
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Validate everything, load model/data, build optimizer and scheduler. Writes nothing."""
     cfg.validate()
+    raise_if(output_dir_problems(Path(cfg.output_dir)))
     if cfg.report_to == "tensorboard":
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
+            raise ConfigError('report_to=tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
     accelerator = make_accelerator(cfg.device, cfg.bf16, cfg.collective_timeout_s)
     fsdp = use_fsdp()
-    model, tokenizer = _load_model(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
     n = check_model(cfg, model)
     prompts = load_prompts(cfg, tokenizer)
+    check_context(cfg, model, prompts)
     world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes")
     ref_model = None
     if cfg.beta > 0:
-        ref_model, _ = _load_model(cfg.model)
+        ref_model, _ = load_model_and_tokenizer(cfg.model)
         ref_model.requires_grad_(False).eval().to(accelerator.device)
+    for m in (model, ref_model):
+        if m is not None and cfg.disable_dropout:
+            disable_dropout(m)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -245,23 +261,24 @@ def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 def score(run: Run, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
     """Rewards [B*G] of the decoded completions against the references."""
     g = run.cfg.num_generations
-    texts = run.tokenizer.batch_decode(rollout.completion_ids * rollout.completion_mask, skip_special_tokens=True)
+    texts = completion_texts(run.tokenizer, rollout)
     answers = [p.answer for p in prompts for _ in range(g)]
     alts = [p.alternatives for p in prompts for _ in range(g)]
     return torch.tensor(math_reward(texts, answers, alts), dtype=torch.float32)
 
 
-def eos_ids(run: Run):
+def eos_ids(run: Run) -> list[int]:
     """The EOS id(s) the sampler stops at (and suppresses before min_new_tokens)."""
-    return run.accelerator.unwrap_model(run.model).generation_config.eos_token_id or run.tokenizer.eos_token_id
+    return model_eos_ids(run.accelerator.unwrap_model(run.model), run.tokenizer)
 
 
-def full_logprobs(run: Run, model, rollout: Rollout, rows: slice = slice(None), batch_size=None) -> torch.Tensor:
+def full_logprobs(run: Run, model, rollout: Rollout, rows: slice = slice(None), batch_size=None, entropy=False):
     """Teacher-forced full-depth log-probs [rows, L] of the rollout's completions under `model`, scored
-    on the distribution the sampler used (temperature, EOS suppressed before min_new_tokens)."""
+    on the distribution the sampler used (temperature, EOS suppressed before min_new_tokens); with
+    `entropy=True`, (log-probs, entropies)."""
     return sequence_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
                              rollout.completion_mask[rows], run.cfg.temperature, batch_size, eos_ids(run),
-                             run.cfg.min_new_tokens)
+                             run.cfg.min_new_tokens, entropy=entropy)
 
 
 def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
@@ -271,51 +288,63 @@ def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_ro
     return mask.size(0) / total_rows  # grpo and dr_grpo average over sequences
 
 
-def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp) -> tuple[float, float, bool, dict, dict]:
-    """num_iterations optimizer updates on one rollout batch; returns (loss, grad_norm, applied, loss
-    metrics, importance-weight metrics). old_lp [B*G, L] is pi_old's log-probs, or None when
-    num_iterations == 1: then pi_old is the policy itself before this update, and each micro-batch's
-    own forward gives its log-probs (detached), which saves a full forward pass."""
+class Update(NamedTuple):
+    loss: float  # the step's policy loss (mean over iterations), summed over micro-batches and processes
+    grad_norm: float  # before clipping, of the last iteration
+    applied: bool  # every iteration's optimizer step was taken (loss and gradient finite)
+    means: Means  # token-weighted metrics of every micro-batch (clip fractions, entropy, kl)
+    targets: torch.Tensor  # [B*G, L] pi_old's log-probs (the first iteration's forward when not given)
+
+
+def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp) -> Update:
+    """num_iterations optimizer updates on one rollout batch. old_lp [B*G, L] is pi_old's log-probs, or
+    None when num_iterations == 1: then pi_old is the policy itself before this update, and each
+    micro-batch's own forward gives its log-probs (detached), which saves a full forward pass."""
     cfg, acc = run.cfg, run.accelerator
     rows = cfg.micro_batch_size * cfg.num_generations
     world = acc.num_processes
     total_tokens = global_sum(acc, rollout.completion_mask.sum())
     total_rows = global_sum(acc, rollout.completion_ids.size(0))
-    losses, applied_all, norm, extra, targets = [], True, 0.0, {}, []
+    losses, applied_all, norm, means, targets = [], True, 0.0, Means(), []
     for it in range(cfg.num_iterations):
         starts = list(range(0, rollout.completion_ids.size(0), rows))
         for k, i in enumerate(starts):
             sl = slice(i, i + rows)
+            mask = rollout.completion_mask[sl]
             sync = run.fsdp or k == len(starts) - 1  # FSDP: reduce-scatter every micro-batch
             with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
-                lp = full_logprobs(run, run.model, rollout, sl)  # [rows, L], with grad
+                lp, entropy = full_logprobs(run, run.model, rollout, sl, entropy=True)  # [rows, L], with grad
                 target = lp.detach() if old_lp is None else old_lp[sl]
-                h, _ = importance_weights(target, rollout.behavior_logprobs[sl], rollout.completion_mask[sl],
-                                          cfg.mitigation, cfg.lam, cfg.is_level)  # row-local: same as on the batch
-                loss, extra = policy_loss(lp, None if old_lp is None else old_lp[sl], advantages[sl], h,
-                                          rollout.completion_mask[sl], cfg.loss_type, cfg.max_new_tokens,
-                                          cfg.epsilon, None, None if ref_lp is None else ref_lp[sl], cfg.beta)
-                scaled = loss * loss_scale(cfg.loss_type, rollout.completion_mask[sl], total_tokens, total_rows)
+                h, _ = importance_weights(target, rollout.behavior_logprobs[sl], mask, cfg.mitigation, cfg.lam,
+                                          cfg.is_level, cap=cfg.is_cap,
+                                          cap_low=cfg.is_cap_low)  # row-local: the same as on the whole batch
+                loss, extra = policy_loss(lp, None if old_lp is None else old_lp[sl], advantages[sl], h, mask,
+                                          cfg.loss_type, cfg.max_new_tokens, cfg.epsilon, None,
+                                          None if ref_lp is None else ref_lp[sl], cfg.beta)
+                scaled = loss * loss_scale(cfg.loss_type, mask, total_tokens, total_rows)
                 acc.backward(scaled * world)  # DDP/FSDP average over processes; undo it to get the global sum
             losses.append(scaled.detach())
+            tokens = float(mask.sum())
+            means.add_all(extra, tokens, ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"))
+            means.add("entropy", float((entropy * mask).sum()) / max(tokens, 1.0), tokens)
             if it == 0:
                 targets.append(target)
         norm, applied = finish_update(run)
         applied_all = applied_all and applied
     loss = global_sum(acc, torch.stack(losses).sum()) / cfg.num_iterations
-    _, hm = importance_weights(torch.cat(targets), rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
-                               cfg.lam, cfg.is_level)
-    return loss, norm, applied_all, extra, hm
+    return Update(loss, norm, applied_all, means, torch.cat(targets))
 
 
 def finish_update(run: Run) -> tuple[float, bool]:
-    """Clip, then step only if loss and gradient are finite on every process; always zero the grads."""
+    """Clip, then step only if loss and gradient are finite on every process; always zero the grads.
+    From the first optimizer step on, the run is `dirty` until the step's bookkeeping is done."""
     cfg, acc = run.cfg, run.accelerator
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     norm = acc.clip_grad_norm_(run.model.parameters(), max_norm)
     norm = float(full_tensor(norm)) if norm is not None else 0.0
     bad = global_sum(acc, 0.0 if math.isfinite(norm) else 1.0)
     if bad == 0:
+        run.dirty = True
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return norm, bad == 0
@@ -337,56 +366,73 @@ def rl_step(run: Run, step: int) -> dict:
                                                                     batch_size=micro_rows)
         ref_lp = None if run.ref_model is None else full_logprobs(run, run.ref_model, rollout, batch_size=micro_rows)
     run.model.train()
-    loss, norm, applied, extra, hm = update(run, rollout, advantages, old_lp, ref_lp)
+    upd = update(run, rollout, advantages, old_lp, ref_lp)
     run.scheduler.step()
     t2 = time.perf_counter()
-    return step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra,
-                        rollout_s=rollout.rollout_s, update_s=t2 - t1, step_s=t2 - t0)
+    _, hm = importance_weights(upd.targets, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
+                               cfg.lam, cfg.is_level, cap=cfg.is_cap, cap_low=cfg.is_cap_low)
+    offp = offpolicy_sums(upd.targets, rollout.behavior_logprobs, rollout.completion_mask, cfg.is_cap)
+    return step_metrics(run, step, skip, rewards, rollout, hm, upd, rollout_s=rollout.rollout_s, update_s=t2 - t1,
+                        step_s=t2 - t0, offpolicy=offp)
 
 
-def step_metrics(run, step, skip, rewards, rollout, hm, loss, norm, applied, extra, rollout_s, update_s, step_s):
+def step_metrics(run, step, skip, rewards, rollout, hm, upd: Update, rollout_s, update_s, step_s,
+                 offpolicy=None) -> dict:
     """The metrics.jsonl line of one step, reduced over processes: sums, min/max, and means weighted by
-    each process's count (IS units for the h metrics, generated tokens for clip_frac), so that N
-    processes report what one process would for the same batch."""
-    acc = run.accelerator
-    local = [rollout.num_completion_tokens, rollout.num_prompt_tokens, rollout.completion_ids.size(0),
-             hm["h_mean"], hm["h_min"], hm["h_max"], hm["h_truncated_frac"], hm["log_ratio_mean"],
-             extra.get("clip_frac", 0.0), rollout_s, hm.get("num_units", 1.0)]
-    rows = gather_rows(acc, local)  # [world, 11]
-    gen_tokens, prompt_tokens, seqs = (float(rows[:, i].sum()) for i in range(3))
-
-    def weighted(col: int, weight_col: int) -> float:
-        w = rows[:, weight_col]
-        return float((rows[:, col] * w).sum() / w.sum()) if float(w.sum()) > 0 else float(rows[:, col].mean())
-
-    units = rows[rows[:, 10] > 0] if bool((rows[:, 10] > 0).any()) else rows  # processes with IS units
-    all_rewards = acc.gather(rewards.to(acc.device)).cpu() if acc.num_processes > 1 else rewards
+    what they average over (IS units for the h metrics, completion tokens for the update's), so that N
+    processes report what one process would for the same batch (metrics.py). `offpolicy` (this process's
+    OffPolicySums) adds the off-policy diagnostics, finished from the pieces summed over processes."""
+    cfg, acc = run.cfg, run.accelerator
+    clipped = clipped_completions(rollout.completion_ids, rollout.completion_mask, eos_ids(run), cfg.max_new_tokens)
+    local = [rollout.num_completion_tokens, rollout.num_prompt_tokens, rollout.completion_ids.size(0), clipped,
+             rollout_s, hm["num_units"], hm["h_min"] if hm["num_units"] else math.inf,
+             hm["h_max"] if hm["num_units"] else -math.inf]
+    rows = gather_rows(acc, local)  # [world, 8]
+    gen_tokens, prompt_tokens, seqs, clipped = (float(rows[:, i].sum()) for i in range(4))
+    upd.means.add_all(hm, hm["num_units"], ("h_mean", "h_truncated_frac", "h_capped_frac", "h_masked_frac",
+                                            "log_ratio_mean"))
+    means = upd.means.reduce(acc)
+    offp = {} if offpolicy is None else finish_offpolicy(combine_offpolicy(gather_rows(acc, list(offpolicy))))
+    units = float(rows[:, 5].sum())
     tokens = prompt_tokens + gen_tokens
-    rollout_s = float(rows[:, 9].max())
+    rollout_s = float(rows[:, 4].max())
+    rs = reward_stats(gather_tensor(acc, rewards), cfg.num_generations)
     return {
         "step": step + 1,
-        "reward_mean": float(all_rewards.mean()),
-        "reward_std": float(all_rewards.std()) if all_rewards.numel() > 1 else 0.0,
-        "loss": loss if math.isfinite(loss) else None,
+        **rs,
+        "loss": upd.loss if math.isfinite(upd.loss) else None,
         "skip_set": list(skip),
         "num_skipped": len(skip),
-        "h_mean": weighted(3, 10),
-        "h_min": float(units[:, 4].min()),
-        "h_max": float(units[:, 5].max()),
-        "h_truncated_frac": weighted(6, 10),
-        "log_ratio_mean": weighted(7, 10),
+        "h_mean": means["h_mean"] if units else 0.0,
+        "h_min": float(rows[:, 6].min()) if units else 0.0,
+        "h_max": float(rows[:, 7].max()) if units else 0.0,
+        "h_truncated_frac": means["h_truncated_frac"] if units else 0.0,
+        "h_capped_frac": means["h_capped_frac"] if units else 0.0,
+        "h_masked_frac": means["h_masked_frac"] if units else 0.0,
+        "log_ratio_mean": means["log_ratio_mean"] if units else 0.0,
+        "sampling/importance_sampling_ratio/min": float(rows[:, 6].min()) if units else 0.0,
+        "sampling/importance_sampling_ratio/mean": means["h_mean"] if units else 0.0,
+        "sampling/importance_sampling_ratio/max": float(rows[:, 7].max()) if units else 0.0,
+        **offp,
         "tokens_generated": int(gen_tokens),
         "tokens_processed": int(tokens),
         "completion_len_mean": gen_tokens / seqs,
+        "completions/mean_length": gen_tokens / seqs,
+        "completions/clipped_ratio": clipped / seqs,
         "rollout_s": rollout_s,
         "update_s": update_s,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "rollout_tokens_per_s": gen_tokens / max(rollout_s, 1e-9),
         "lr": run.scheduler.get_last_lr()[0],
-        "grad_norm": norm if math.isfinite(norm) else None,
-        "skipped_update": not applied,
-        "clip_frac": weighted(8, 0),
+        "grad_norm": upd.grad_norm if math.isfinite(upd.grad_norm) else None,
+        "skipped_update": not upd.applied,
+        "entropy": means.get("entropy"),
+        "clip_frac": means.get("clip_frac"),
+        "clip_ratio/low_mean": means.get("clip_frac_low"),
+        "clip_ratio/high_mean": means.get("clip_frac_high"),
+        "clip_ratio/region_mean": means.get("clip_frac"),
+        **({"kl": means.get("kl")} if cfg.beta > 0 else {}),
     }
 
 
@@ -410,31 +456,75 @@ def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
 
 class Loop:
     """One run's RL stage, one step at a time: `train` runs a Loop to the end, the sweep's lockstep mode
-    interleaves several. Opening it creates (or resumes) the run directory."""
+    interleaves several. Opening it creates, restarts or resumes the run directory (checkpoint.py).
+    runtime_s is the stage's wall time: every step with its logging and checkpoints, and the final save."""
 
     def __init__(self, run: Run):
         self.run = run
-        self.start, self.state = prepare_output(run)
+        self.start, self.state, kept = prepare_output(run)
         main = run.accelerator.is_main_process
-        self.log = MetricsLog(run.out / "metrics.jsonl", main, self.start)
+        self.log = MetricsLog(run.out / "metrics.jsonl", main, kept)
         self.tracker = make_tracker(run.cfg, run.out, main)
 
     def step(self, step: int) -> dict:
         """RL step `step` (0-based): update, log, and checkpoint when due; returns its metrics."""
-        run = self.run
+        run, cfg, t0 = self.run, self.run.cfg, time.perf_counter()
         metrics = rl_step(run, step)
         _accumulate(self.state, metrics)
         self.log.write(metrics)
         if self.tracker:
             self.tracker(metrics, step + 1)
-        if (step + 1) % run.cfg.save_steps == 0 and step + 1 < run.cfg.steps:
+        run.dirty = False  # weights, optimizer, scheduler and totals all describe step + 1 now
+        self.check_diverged(step)
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
             save_checkpoint(run, step + 1, self.state)
+        self.state["runtime_s"] += time.perf_counter() - t0
         return metrics
+
+    def check_diverged(self, step: int) -> None:
+        k = self.state["consecutive_skipped"]
+        if k >= self.run.cfg.max_skipped_updates:
+            raise TrainingError(
+                f"{k} consecutive updates were skipped (non-finite loss or gradient), the last at step {step + 1}: "
+                f"the run has most likely diverged (lower lr?); resume from {latest_checkpoint(self.run.out)} "
+                f"or raise max_skipped_updates")
 
     def finish(self) -> dict:
         """The last checkpoint, the final model and the summary."""
+        t0 = time.perf_counter()
         save_checkpoint(self.run, self.run.cfg.steps, self.state)
-        return finish(self.run, self.state)
+        save_final_model(self.run)
+        self.state["runtime_s"] += time.perf_counter() - t0
+        summary = make_summary(self.run, self.state)
+        write_summary(self.run, summary)
+        return summary
+
+
+class DeferredInterrupt:
+    """Ctrl-C (SIGINT) while the run is `dirty` (an optimizer step of the current step is done, its
+    bookkeeping is not) is held until the step ends; otherwise it interrupts at once. A second Ctrl-C
+    always interrupts at once. Installed only on the main thread of a single-process run."""
+
+    def __init__(self, run: Run):
+        self.run, self.pending, self.old = run, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and self.run.accelerator.num_processes == 1:
+            self.old = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+    def handle(self, signum, frame):
+        if self.run.dirty and not self.pending:
+            self.pending = True
+            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again: stop now, no checkpoint)",
+                  file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
 
 
 def train(cfg: TrainConfig, run: Run | None = None) -> dict:
@@ -451,20 +541,16 @@ def _train(run: Run) -> dict:
     loop = Loop(run)
     bar = _progress(cfg, acc, loop.start)
     try:
-        for step in range(loop.start, cfg.steps):
-            metrics = loop.step(step)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", skip=len(metrics["skip_set"]))
+        with DeferredInterrupt(run) as interrupt:
+            for step in range(loop.start, cfg.steps):
+                metrics = loop.step(step)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", skip=len(metrics["skip_set"]))
+                if interrupt.pending:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        done = len(loop.state["rewards"])  # steps finished, resumed ones included
-        if acc.num_processes > 1:  # processes may be stopped inside different collectives: no joint save
-            if acc.is_main_process:
-                print(f"\ninterrupted: resume from the last checkpoint, {latest_checkpoint(run.out)}", flush=True)
-            raise
-        if acc.is_main_process:
-            print(f"\ninterrupted: saving a checkpoint of step {done} to resume from", flush=True)
-        save_checkpoint(run, done, loop.state)
+        save_interrupted(run, loop.state)
         raise
     finally:
         if bar:
@@ -472,13 +558,54 @@ def _train(run: Run) -> dict:
     return loop.finish()
 
 
+def save_interrupted(run: Run, state: dict) -> None:
+    """After Ctrl-C: a checkpoint of the last finished step, when the weights are exactly that step's."""
+    acc, done = run.accelerator, len(state["rewards"])  # steps finished, resumed ones included
+    if acc.num_processes > 1 or run.dirty:  # processes stopped in different collectives / weights mid-step
+        if acc.is_main_process:
+            why = "several processes" if acc.num_processes > 1 else "stopped inside an update"
+            print(f"\ninterrupted ({why}): no checkpoint written; resume from {latest_checkpoint(run.out)}",
+                  file=sys.stderr, flush=True)
+        return
+    if acc.is_main_process:
+        print(f"\ninterrupted: saving a checkpoint of step {done} to resume from", file=sys.stderr, flush=True)
+    save_checkpoint(run, done, state)
+
+
 def _accumulate(state: dict, m: dict) -> None:
-    state["runtime_s"] += m["step_s"]
+    state["step_time_s"] = state.get("step_time_s", 0.0) + m["step_s"]
     state["tokens_processed"] += m["tokens_processed"]
     state["tokens_generated"] += m["tokens_generated"]
     state["rollout_s"] += m["rollout_s"]
     state["skipped_updates"] += int(m["skipped_update"])
+    state["consecutive_skipped"] = state.get("consecutive_skipped", 0) + 1 if m["skipped_update"] else 0
     state["rewards"].append(m["reward_mean"])
+    sums = state.setdefault("offpolicy_sums", {})  # summary key: [sum over steps, steps]; JSON in checkpoints
+    for metric, key in OFFPOLICY_SUMMARY.items():
+        value = m.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            total = sums.setdefault(key, [0.0, 0])
+            total[0] += float(value)
+            total[1] += 1
+
+
+def _run_mean(state: dict, key: str) -> float | None:
+    """Mean over steps of an `offpolicy_sums` entry (None when no step logged it, e.g. an old checkpoint)."""
+    total, steps = state.get("offpolicy_sums", {}).get(key, (0.0, 0))
+    return total / steps if steps else None
+
+
+#: Per-step off-policy metrics whose run mean (over the steps that logged it) goes to summary.json.
+OFFPOLICY_SUMMARY = {
+    "rollout_corr/kl": "offpolicy_kl_k1_mean",
+    "rollout_corr/k3_kl": "offpolicy_kl_k3_mean",
+    "rollout_corr/chi2_token": "offpolicy_chi2_token_mean",
+    "rollout_corr/chi2_seq": "offpolicy_chi2_seq_mean",
+    "rollout_corr/ess_token": "offpolicy_ess_token_mean",
+    "rollout_corr/ess_seq": "offpolicy_ess_seq_mean",
+    "rollout_corr/ratio_outside_frac": "offpolicy_ratio_outside_frac_mean",
+    "rollout_corr/max_abs_log_ratio": "offpolicy_max_abs_log_ratio_mean",
+}
 
 
 def _progress(cfg: TrainConfig, acc, start: int):
@@ -489,14 +616,15 @@ def _progress(cfg: TrainConfig, acc, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="RL steps", unit="step", dynamic_ncols=True)
 
 
-def finish(run: Run, state: dict) -> dict:
-    """Write the final HF checkpoint (output_dir/final) and summary.json; returns the summary."""
+def make_summary(run: Run, state: dict) -> dict:
+    """summary.json: totals of the run (docs/training.md)."""
     acc, cfg = run.accelerator, run.cfg
     rewards = state["rewards"]
     k = max(1, len(rewards) // 10)  # first and final reward: means over a tenth of the steps (one step is noisy)
-    summary = {
+    return {
         "steps": cfg.steps,
         "runtime_s": state["runtime_s"],
+        "step_time_s": state.get("step_time_s", 0.0),
         "tokens_processed": state["tokens_processed"],
         "tokens_generated": state["tokens_generated"],
         "token_speed": state["tokens_processed"] / max(state["runtime_s"], 1e-9),
@@ -505,9 +633,8 @@ def finish(run: Run, state: dict) -> dict:
         "first_reward": sum(rewards[:k]) / len(rewards[:k]) if rewards else None,
         "final_reward": sum(rewards[-k:]) / len(rewards[-k:]) if rewards else None,
         "skipped_updates": state["skipped_updates"],
+        **{key: _run_mean(state, key) for key in OFFPOLICY_SUMMARY.values()},
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,
         "final_checkpoint": str(run.out / "final"),
     }
-    save_final(run, summary)
-    return summary

@@ -1,4 +1,5 @@
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,38 @@ def test_shipped_paper_configs_validate(path):
     cfg = resolve(TrainConfig, path, {"skip_ratio": 0.15, "mitigation": "retrace"})
     cfg.validate()
     assert cfg.num_generations == 8 and cfg.max_new_tokens == cfg.min_new_tokens == 256 and cfg.lr == 1e-6
+
+
+@pytest.mark.parametrize("field", ["lr", "warmup_ratio", "temperature", "top_p", "epsilon", "beta", "lam",
+                                   "skip_ratio", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_floats_are_named(field, value):
+    """nan passes `nan <= 0` checks; every float field must be finite and in range."""
+    with pytest.raises(ConfigError, match=f"{field}={value}"):
+        TrainConfig(model="m", **{field: value}).validate()
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(is_cap=0.0), "is_cap=0.0 must be > 0.0"),
+    (dict(is_cap=-1.0), "is_cap=-1.0 must be > 0.0"),
+    (dict(is_cap=float("nan")), "is_cap=nan must be a finite number > 0.0"),
+    (dict(is_cap=float("inf")), "is_cap=inf must be a finite number > 0.0"),
+    (dict(is_cap_low=0.0), "is_cap_low=0.0 must be > 0.0"),
+    (dict(is_cap_low=float("nan")), "is_cap_low=nan must be a finite number > 0.0"),
+    (dict(is_cap=2.0, is_cap_low=3.0), "is_cap_low=3.0 must be <= is_cap=2.0"),
+    (dict(mitigation="mis", is_cap=0.5), "is_cap=0.5 < 1 with is_cap_low unset"),
+    (dict(mitigation="bogus"), "mitigation='bogus' is not one of base, practical, retrace, tis, mis"),
+])
+def test_importance_caps_are_validated(kw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig(model="m", **kw).validate()
+
+
+def test_tis_and_mis_configs_validate_and_parse():
+    for kw in (dict(mitigation="tis"), dict(mitigation="mis"), dict(mitigation="mis", is_cap=3.0, is_cap_low=0.2),
+               dict(mitigation="tis", is_cap=0.5), dict(is_cap=2.0, is_cap_low=2.0)):
+        TrainConfig(model="m", **kw).validate()
+    args = parse(["--is-cap", "4", "--is-cap-low", "0.3"])
+    assert (args["is_cap"], args["is_cap_low"]) == (4.0, 0.3)
+    cfg = resolve(TrainConfig, None, {"model": "m", **args})
+    assert (cfg.is_cap, cfg.is_cap_low) == (4.0, 0.3) and TrainConfig(model="m").is_cap_low is None

@@ -220,3 +220,12 @@ def test_skip_layers_evaluates_the_nested_model(tiny, data_dir, tmp_path):
     assert nested != [r["completion"] for r in read_samples(tmp_path / "c")] and full["mean"] is not None
     with pytest.raises(ValueError, match="skip index 99"):
         ev.evaluate(model, tokenizer, benchmarks(data_dir), EvalConfig(skip_layers=[99], **base))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_sampling_values_are_refused(field, value):
+    from nested_reft.evaluate import EvalConfig, check_config
+
+    with pytest.raises(ValueError, match=field):
+        check_config(EvalConfig(model="m", **{field: value}))

@@ -7,9 +7,14 @@ import torch
 
 from nested_reft.objectives import (
     LOG_RATIO_MAX,
+    OffPolicySums,
+    combine_offpolicy,
+    finish_offpolicy,
     group_advantages,
     group_reward_stats,
     importance_weights,
+    offpolicy_metrics,
+    offpolicy_sums,
     policy_loss,
     token_logprobs,
 )
@@ -153,6 +158,153 @@ def test_overflow_guard_and_padding_garbage():
     assert h[0, 0] == 1.0 and torch.isfinite(h).all()
     h, _ = importance_weights(target, behavior, mask, "base", level="sequence")
     assert torch.isfinite(h).all()
+
+
+# tis / mis by hand: token ratios (rows, padding marked x)
+#   row 0: 3.0, 0.25, 1.5      row 1: 0.8, x (NaN behind the mask), x
+TIS_RHO = [[3.0, 0.25, 1.5], [0.8, 1.0, 1.0]]
+TIS_MASK = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+
+
+def _tis_inputs():
+    behavior = torch.log(torch.tensor([[0.1, 0.8, 0.2], [0.5, 0.3, 0.3]], dtype=torch.float64))
+    target = behavior + torch.log(torch.tensor(TIS_RHO, dtype=torch.float64))
+    behavior[1, 1:] = float("nan")  # padding garbage must not matter
+    return target, behavior
+
+
+def test_tis_and_mis_token_level_by_hand():
+    target, behavior = _tis_inputs()
+    h, m = importance_weights(target, behavior, TIS_MASK, "tis")  # C = 2
+    assert torch.allclose(h, torch.tensor([[2.0, 0.25, 1.5], [0.8, 0.0, 0.0]]), atol=1e-6)
+    assert m["h_capped_frac"] == pytest.approx(1 / 4) and m["h_masked_frac"] == 0.0 and m["h_truncated_frac"] == 0.0
+    assert m["h_mean"] == pytest.approx((2.0 + 0.25 + 1.5 + 0.8) / 4)
+    h, m = importance_weights(target, behavior, TIS_MASK, "tis", cap=1.2)
+    assert torch.allclose(h, torch.tensor([[1.2, 0.25, 1.2], [0.8, 0.0, 0.0]]), atol=1e-6)
+    assert m["h_capped_frac"] == pytest.approx(2 / 4)
+    h, m = importance_weights(target, behavior, TIS_MASK, "mis")  # keep 0.5 <= rho <= 2
+    assert torch.allclose(h, torch.tensor([[0.0, 0.0, 1.5], [0.8, 0.0, 0.0]]), atol=1e-6)
+    assert m["h_masked_frac"] == pytest.approx(2 / 4) and m["h_capped_frac"] == 0.0
+    assert m["h_min"] == 0.0 and m["h_max"] == pytest.approx(1.5)
+    h, m = importance_weights(target, behavior, TIS_MASK, "mis", cap=4.0, cap_low=0.9)  # keep [0.9, 4]
+    assert torch.allclose(h, torch.tensor([[3.0, 0.0, 1.5], [0.0, 0.0, 0.0]]), atol=1e-6)
+    assert m["h_masked_frac"] == pytest.approx(2 / 4)
+    for mitigation in ("base", "practical", "retrace"):  # the new metrics are 0 for the paper's three
+        _, m = importance_weights(target, behavior, TIS_MASK, mitigation)
+        assert m["h_capped_frac"] == 0.0 and m["h_masked_frac"] == 0.0
+
+
+def test_tis_and_mis_sequence_level_by_hand():
+    """rho_seq = product of the masked token ratios: row 0 3 * 0.25 * 1.5 = 1.125, row 1 0.8; with a
+    third row 2 * 1.5 = 3.0 (summed log-ratio log 3, outside [log 0.5, log 2]) and a padding row."""
+    target, behavior = _tis_inputs()
+    extra_b = torch.log(torch.tensor([[0.4, 0.4, 0.4], [0.5, 0.5, 0.5]], dtype=torch.float64))
+    extra_t = extra_b + torch.log(torch.tensor([[2.0, 1.5, 7.0], [9.0, 9.0, 9.0]], dtype=torch.float64))
+    target, behavior = torch.cat([target, extra_t]), torch.cat([behavior, extra_b])
+    mask = torch.cat([TIS_MASK, torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)])
+    h, m = importance_weights(target, behavior, mask, "tis", level="sequence")
+    expected = torch.tensor([[1.125] * 3, [0.8, 0, 0], [2.0, 2.0, 0], [0, 0, 0]])
+    assert torch.allclose(h, expected, atol=1e-6)
+    assert m["num_units"] == 3.0 and m["h_capped_frac"] == pytest.approx(1 / 3)
+    h, m = importance_weights(target, behavior, mask, "mis", level="sequence")
+    expected = torch.tensor([[1.125] * 3, [0.8, 0, 0], [0, 0, 0], [0, 0, 0]])
+    assert torch.allclose(h, expected, atol=1e-6)
+    assert m["h_masked_frac"] == pytest.approx(1 / 3) and m["h_mean"] == pytest.approx((1.125 + 0.8) / 3)
+    h, _ = importance_weights(target, behavior, mask, "mis", level="sequence", cap=3.5, cap_low=0.85)
+    assert torch.allclose(h, torch.tensor([[1.125] * 3, [0, 0, 0], [3.0, 3.0, 0], [0, 0, 0]]), atol=1e-6)
+
+
+def test_caps_are_validated():
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    for cap in (0, 0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="cap must be a finite number > 0"):
+            importance_weights(x, x, m, "tis", cap=cap)
+    for low in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="cap_low must be a finite number > 0"):
+            importance_weights(x, x, m, "mis", cap_low=low)
+    with pytest.raises(ValueError, match="cap_low=3.0 must be <= cap=2.0"):
+        importance_weights(x, x, m, "mis", cap=2.0, cap_low=3.0)
+    with pytest.raises(ValueError, match="keeps no ratio"):
+        importance_weights(x, x, m, "mis", cap=0.5)
+    h, _ = importance_weights(x, x, m, "tis", cap=0.5)  # tis with C < 1 is allowed
+    assert torch.allclose(h, torch.full((2, 3), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# off-policy diagnostics
+
+
+def _offpolicy_by_hand(target, behavior, mask, cap=2.0):
+    toks, seqs = [], []
+    for i in range(len(mask)):
+        row = [float(target[i][t] - behavior[i][t]) for t in range(len(mask[i])) if mask[i][t]]
+        toks += row
+        if row:
+            seqs.append(sum(row))
+    rho = [math.exp(x) for x in toks]
+    rseq = [math.exp(x) for x in seqs]
+    n, s = len(toks), len(seqs)
+    return {
+        "rollout_corr/kl": -sum(toks) / n,
+        "rollout_corr/k3_kl": sum(r - 1 - x for r, x in zip(rho, toks)) / n,
+        "rollout_corr/chi2_token": sum(r * r for r in rho) / n - 1,
+        "rollout_corr/chi2_seq": sum(r * r for r in rseq) / s - 1,
+        "rollout_corr/ess_token": sum(rho) ** 2 / (n * sum(r * r for r in rho)),
+        "rollout_corr/ess_seq": sum(rseq) ** 2 / (s * sum(r * r for r in rseq)),
+        "rollout_corr/ratio_outside_frac": sum(r < 1 / cap or r > cap for r in rho) / n,
+        "rollout_corr/max_abs_log_ratio": max(abs(x) for x in toks),
+        "sampling/sampling_logp_difference/mean": sum(abs(x) for x in toks) / n,
+        "sampling/sampling_logp_difference/max": max(abs(x) for x in toks),
+    }
+
+
+def test_offpolicy_metrics_by_hand():
+    target, behavior = _tis_inputs()
+    got = offpolicy_metrics(target, behavior, TIS_MASK)
+    want = _offpolicy_by_hand(target.tolist(), behavior.tolist(), TIS_MASK.tolist())
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    # spot values: ratios 3, .25, 1.5, .8 -> outside [.5, 2]: 3 and .25; rho_seq 1.125 and .8
+    assert got["rollout_corr/ratio_outside_frac"] == 0.5
+    assert got["rollout_corr/ess_seq"] == pytest.approx((1.125 + 0.8) ** 2 / (2 * (1.125 ** 2 + 0.64)))
+    assert got["rollout_corr/max_abs_log_ratio"] == pytest.approx(math.log(4))
+    assert offpolicy_metrics(target, behavior, TIS_MASK, cap=4.0)["rollout_corr/ratio_outside_frac"] == 0.0
+    assert got["rollout_corr/k3_kl"] >= 0 and got["rollout_corr/ess_token"] <= 1
+
+
+def test_offpolicy_metrics_on_policy_are_trivial():
+    gen = torch.Generator().manual_seed(5)
+    lp = _rand_logprobs(gen, MASK.shape)
+    got = offpolicy_metrics(lp, lp.clone(), MASK)
+    for k in ("kl", "k3_kl", "chi2_token", "chi2_seq", "ratio_outside_frac", "max_abs_log_ratio"):
+        assert got[f"rollout_corr/{k}"] == 0.0, k
+    assert got["rollout_corr/ess_token"] == 1.0 and got["rollout_corr/ess_seq"] == 1.0
+    assert got["sampling/sampling_logp_difference/max"] == 0.0
+
+
+def test_offpolicy_pieces_reduce_like_the_whole_batch():
+    gen = torch.Generator().manual_seed(6)
+    target, behavior = _rand_logprobs(gen, MASK.shape), _rand_logprobs(gen, MASK.shape)
+    whole = offpolicy_metrics(target, behavior, MASK, cap=1.5)
+    parts = [offpolicy_sums(target[sl], behavior[sl], MASK[sl], cap=1.5) for sl in (slice(0, 1), slice(1, 4))]
+    split = finish_offpolicy(combine_offpolicy(parts))
+    for k, v in whole.items():
+        assert split[k] == pytest.approx(v, rel=1e-12), k
+    # rows of floats (what gather_rows gives) combine the same way
+    assert finish_offpolicy(combine_offpolicy(torch.tensor([list(p) for p in parts], dtype=torch.float64))) == split
+    assert combine_offpolicy(parts).max_abs_log_ratio == max(p.max_abs_log_ratio for p in parts)  # a max, not a sum
+    assert isinstance(parts[0], OffPolicySums) and combine_offpolicy(parts).tokens == MASK.sum().item()
+    empty = finish_offpolicy(offpolicy_sums(target, behavior, torch.zeros_like(MASK)))
+    assert all(v == 0.0 for v in empty.values())
+
+
+def test_offpolicy_sequence_overflow_is_guarded():
+    target = torch.zeros(1, 4, dtype=torch.float64)
+    behavior = torch.full((1, 4), -30.0, dtype=torch.float64)  # summed log-ratio 120 > LOG_RATIO_MAX
+    got = offpolicy_metrics(target, behavior, torch.ones(1, 4))
+    assert all(math.isfinite(v) for v in got.values())
+    assert got["rollout_corr/chi2_seq"] == pytest.approx(math.exp(2 * LOG_RATIO_MAX) - 1)
 
 
 def test_weights_are_detached():

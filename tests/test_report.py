@@ -168,5 +168,27 @@ def test_reward_curves_from_metrics_jsonl(tmp_path):
         report.build_report([runs], tmp_path / "out2")
 
 
+def test_offpolicy_kl_figure_from_metrics_jsonl(tmp_path):
+    """offpolicy_kl.png plots the runs whose metrics.jsonl has rollout_corr/k3_kl; older runs are left out."""
+    runs = tmp_path / "runs"
+    lines = {"m1__svamp__x0.00__base": [{"reward_mean": 0.2}, {"reward_mean": 0.4}],  # an old run: no KL field
+             "m1__svamp__x0.15__retrace": [{"reward_mean": 0.1, "rollout_corr/k3_kl": 0.3},
+                                           {"reward_mean": 0.2, "rollout_corr/k3_kl": None}]}  # null: non-finite
+    for name, rows in lines.items():
+        shutil.copytree(FIXTURE / name, runs / name)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n"
+                                                           for i, r in enumerate(rows)))
+    assert report.read_offpolicy(runs / "m1__svamp__x0.00__base") is None
+    points = report.read_offpolicy(runs / "m1__svamp__x0.15__retrace")
+    assert points[0] == (0.3, 0.1) and points[1][1] == 0.2 and points[1][0] != points[1][0]  # NaN
+    rep = report.build_report([runs], tmp_path / "out")
+    fig = tmp_path / "out" / "offpolicy_kl.png"
+    assert str(fig) in rep["figures"] and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![offpolicy_kl](offpolicy_kl.png)" in (tmp_path / "out" / "report.md").read_text()
+    (runs / "m1__svamp__x0.15__retrace" / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.1}\n')
+    rep = report.build_report([runs], tmp_path / "out2")  # no run has the field: no figure, no error
+    assert not any(Path(p).name == "offpolicy_kl.png" for p in rep["figures"])
+
+
 def test_moving_average_uses_fewer_values_at_the_start():
     assert report.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]

@@ -181,3 +181,33 @@ def test_collective_stop_keeps_decoding_but_returns_the_same(qwen):
     assert len(calls) == 8  # prefill + 7 decode steps: as many as a process that never hits EOS
     for a, b in zip(alone, waiting):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a == b or isinstance(a, float))
+
+
+# ---- recomputed behaviour log-probs (issue 13, item 2) ---------------------------------------------
+
+
+def test_recompute_with_several_eos_ids(qwen):
+    """Instruct generation configs list two EOS ids; recompute must take them (and ban both)."""
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=10, min_new_tokens=6, logprobs="recompute")
+    re = generate(qwen, PROMPTS, 2, cfg, [EOS, 4], PAD, generator=torch.Generator().manual_seed(0))
+    sampled = generate(qwen, PROMPTS, 2, SamplingConfig(temperature=1.0, max_new_tokens=10, min_new_tokens=6),
+                       [EOS, 4], PAD, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(re.completion_ids, sampled.completion_ids)
+    torch.testing.assert_close(re.behavior_logprobs, sampled.behavior_logprobs, rtol=0, atol=1e-4)
+
+
+def test_recompute_keeps_the_eos_ban_when_the_eos_id_is_0():
+    model = tiny_model("qwen2", eos_token_id=0, pad_token_id=2)
+    model.lm_head.weight.data[0] += 3.0  # EOS likely, so dropping the ban would show
+    kw = dict(temperature=1.0, max_new_tokens=8, min_new_tokens=8)
+    sampled = generate(model, PROMPTS, 2, SamplingConfig(**kw), 0, 2, generator=torch.Generator().manual_seed(0))
+    re = generate(model, PROMPTS, 2, SamplingConfig(**kw, logprobs="recompute"), 0, 2,
+                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(re.behavior_logprobs, sampled.behavior_logprobs, rtol=0, atol=1e-4)
+
+
+def test_recomputed_logprobs_hold_no_autograd_graph(qwen):
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, logprobs="recompute")
+    with torch.enable_grad():
+        r = generate(qwen, PROMPTS, 2, cfg, EOS, PAD, skip=(1,), generator=torch.Generator().manual_seed(0))
+    assert not r.behavior_logprobs.requires_grad and r.behavior_logprobs.grad_fn is None

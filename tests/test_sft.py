@@ -108,29 +108,22 @@ def test_bad_config_fails_before_writing(toy, tmp_path, field, value, match):
 
 
 def test_missing_model_is_a_clear_error(toy, tmp_path):
-    with pytest.raises(ValueError, match="cannot load model"):
+    with pytest.raises(ValueError, match="does not load"):
         run_sft(config(toy, tmp_path / "sft", model=str(tmp_path / "no-model")))
 
 
-class NaNLoss(torch.nn.Module):
-    """A model whose loss is NaN (its gradients too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def forward(self, x, attention_mask):
-        return SimpleNamespace(loss=self.layer(x).sum() * float("nan"))
-
-
-def test_non_finite_loss_skips_the_update():
-    model = NaNLoss()
+def test_non_finite_loss_skips_the_update(toy):
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")  # the loss and its gradient are NaN
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    micro = [{"x": torch.ones(2, 3), "attention_mask": torch.ones(2, 3)}]
+    prompt = encode_prompt(tok, "Ava has 3 apples. How many apples does Ava have now?")
+    micro = [collate([build_example(tok, prompt, "3", 128)], tok.pad_token_id)]
     loss, tokens, applied = train_update(model, Accelerator(cpu=True), optimizer, micro, 1.0)
-    assert not applied and tokens == 6
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not applied and tokens == int(micro[0]["attention_mask"].sum())
+    assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -207,3 +200,34 @@ def test_fsdp_launch_is_refused_before_any_work(toy, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="FSDP is not supported"):
         run_sft(config(toy, tmp_path / "sft"))
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("field", ["lr", "weight_decay", "max_grad_norm", "warmup_ratio", "layer_drop"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_floats_are_refused(toy, tmp_path, field, value):
+    from nested_reft.sft import check_config
+
+    with pytest.raises(ValueError, match=field):
+        check_config(config(toy, tmp_path / "out", **{field: value}))
+
+
+def test_gradient_accumulation_weighs_every_target_token_alike(toy):
+    """Two examples with very different target lengths: 2 micro-batches of 1 must give the gradient of
+    one batch of 2 (the loss normalised by the step's total target tokens, as transformers' Trainer)."""
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    prompt = encode_prompt(tok, "Ava has 3 apples. How many apples does Ava have now?")
+    short = build_example(tok, prompt, "5", 192)
+    long = build_example(tok, prompt, "First 3 + 2 = 5. Then 5 + 4 = 9. Finally 9 - 1 = 8. The answer is \\boxed{8}.", 192)
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def grads(micro):
+        model.zero_grad()
+        opt.zero_grad = lambda *a, **k: None  # keep the gradient for inspection
+        train_update(model, acc, opt, micro, max_grad_norm=1e9)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    apart = grads([collate([short], tok.pad_token_id), collate([long], tok.pad_token_id)])
+    together = grads([collate([short, long], tok.pad_token_id)])
+    torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-6)  # before the fix: 0.37 relative

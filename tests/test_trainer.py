@@ -77,7 +77,8 @@ def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, a
     run.model.zero_grad()
     run.optimizer.step = lambda *a, **k: None  # keep the accumulated gradient for inspection
     run.optimizer.zero_grad = lambda *a, **k: None
-    *_, hm2 = trainer.update(run, rollout, adv, None, None)
+    upd = trainer.update(run, rollout, adv, None, None)
+    _, hm2 = trainer.importance_weights(upd.targets, rollout.behavior_logprobs, mask, "base")
     assert hm2["h_min"] > 1 - 1e-4 and abs(hm2["log_ratio_mean"]) < 1e-5  # the update's own forward as pi_old
     for k, g in ref.items():
         torch.testing.assert_close(dict(run.model.named_parameters())[k].grad, g, rtol=1e-3, atol=1e-6)
@@ -179,7 +180,10 @@ def test_bad_configs_fail_before_anything_is_written(toy_dir, tmp_path, kw, fiel
 def test_model_without_layer_list_is_rejected(tmp_path, toy_dir):
     from transformers import MambaConfig, MambaForCausalLM
 
-    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(toy_dir / "model"))
+    MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, state_size=4)).save_pretrained(
         tmp_path / "mamba")
     (toy_dir / "model" / "tokenizer.json").is_file()
     import shutil
@@ -296,3 +300,226 @@ def test_bf16_autocast_step_runs_and_keeps_fp32_weights(toy_dir, tmp_path, alter
     assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
     assert not m["skipped_update"] and m["num_skipped"] == 0
     assert abs(m["h_mean"] - 1) < 0.05 and abs(m["log_ratio_mean"]) < 0.05
+
+
+# ---- review fixes (issue 13) ----------------------------------------------------------------------
+
+
+def bang_tokenizer():
+    """A word-level tokenizer whose id 0 is an ordinary token, "!" (as in Qwen2 and Llama-3 vocabularies)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["!", "<eos>", "<pad>", "####", "The", "answer", "is", "13", "13.", "7"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("text", ["The answer is 13.", "#### 13"])
+def test_rewards_read_only_the_tokens_up_to_eos(text):
+    """Padding after EOS must not reach the reward: masked-out ids (here id 0, "!") are not decoded."""
+    from types import SimpleNamespace
+
+    from nested_reft.rollout import Rollout, completion_texts
+
+    tok = bang_tokenizer()
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    width = len(ids) + 3
+    comp = torch.tensor([ids + [tok.pad_token_id] * 3, [7] * width])  # row 2: nothing up to EOS is "13"
+    mask = torch.tensor([[1] * len(ids) + [0] * 3, [1] * width])
+    rollout = Rollout(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), comp, mask,
+                      torch.zeros(2, width), (), 2, int(mask.sum()), 0.0)
+    run = SimpleNamespace(cfg=SimpleNamespace(num_generations=2), tokenizer=tok)
+    prompts = [trainer.Prompt([1], "13", [])]
+    assert trainer.score(run, prompts, rollout).tolist() == [1.0, 0.0]
+    assert completion_texts(tok, rollout)[0] == text
+
+
+def test_clip_frac_and_kl_cover_every_micro_batch(toy_dir, tmp_path, monkeypatch, alternating_rewards):
+    """Metrics of the update are token-weighted over all micro-batches, not the last one's."""
+    real = trainer.policy_loss
+    calls = []
+
+    def fake(*a, **k):
+        loss, extra = real(*a, **k)
+        calls.append(1)
+        return loss, {**extra, "clip_frac": 1.0 if len(calls) == 1 else 0.0}
+
+    monkeypatch.setattr(trainer, "policy_loss", fake)
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", min_new_tokens=8))  # fixed length: equal token counts
+    m = trainer.rl_step(run, 0)
+    assert len(calls) == 2 and m["clip_frac"] == pytest.approx(0.5)
+
+
+OFFPOLICY_KEYS = ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token", "rollout_corr/chi2_seq",
+                  "rollout_corr/ess_token", "rollout_corr/ess_seq", "rollout_corr/ratio_outside_frac",
+                  "rollout_corr/max_abs_log_ratio", "sampling/sampling_logp_difference/mean",
+                  "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+                  "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max",
+                  "h_capped_frac", "h_masked_frac")
+
+
+@pytest.mark.parametrize("mitigation, skip_ratio", [("tis", 0.15), ("mis", 0.15), ("base", 0.0)])
+def test_tis_mis_and_offpolicy_metrics_are_logged(toy_dir, tmp_path, alternating_rewards, mitigation, skip_ratio):
+    out = tmp_path / "r"
+    summary = trainer.train(small_cfg(toy_dir, out, steps=1, batch_size=2, rollout_batch_size=2, num_generations=2,
+                                      max_new_tokens=4, min_new_tokens=4, mitigation=mitigation,
+                                      skip_ratio=skip_ratio, is_cap=1.5))
+    m = read_metrics(out)[0]
+    for key in OFFPOLICY_KEYS:
+        assert isinstance(m[key], float) and math.isfinite(m[key]), key
+    assert m["sampling/importance_sampling_ratio/mean"] == m["h_mean"]
+    if mitigation == "tis":
+        assert m["h_max"] <= 1.5 + 1e-6 and m["h_masked_frac"] == 0.0
+    if mitigation == "mis":
+        assert m["h_capped_frac"] == 0.0
+    assert summary["offpolicy_kl_k3_mean"] == pytest.approx(m["rollout_corr/k3_kl"])
+    assert summary["offpolicy_ess_token_mean"] == pytest.approx(m["rollout_corr/ess_token"])
+    if skip_ratio == 0:  # the nested model is the policy: no off-policyness to report
+        assert abs(m["rollout_corr/kl"]) < 1e-6 and abs(m["rollout_corr/k3_kl"]) < 1e-6
+        assert abs(m["rollout_corr/ess_token"] - 1) < 1e-6 and abs(m["rollout_corr/ess_seq"] - 1) < 1e-6
+        assert m["rollout_corr/ratio_outside_frac"] == 0.0
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["offpolicy_sums"]["offpolicy_kl_k3_mean"][1] == 1  # kept for a resume
+    assert trainer._run_mean({}, "offpolicy_kl_k3_mean") is None  # a checkpoint from before these metrics
+
+
+def test_metrics_under_trl_names_and_group_std(toy_dir, tmp_path, alternating_rewards):
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", beta=0.1))
+    m = trainer.rl_step(run, 0)
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
+                "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert key in m, key
+    # alternating rewards 1,0,1,0 in every group of 4: unbiased group std sqrt(1/3); batch std of 16 is smaller
+    assert m["reward_std"] == pytest.approx((1 / 3) ** 0.5) and m["frac_reward_zero_std"] == 0.0
+    assert m["reward_std_batch"] == pytest.approx(torch.tensor([1.0, 0.0] * 8).std().item())
+    assert m["kl"] is not None and m["kl"] >= 0 and m["entropy"] > 0
+    assert m["completions/mean_length"] == m["completion_len_mean"] == 8 and m["completions/clipped_ratio"] == 1.0
+
+
+def test_entropy_is_the_policys_on_its_completion_tokens(toy_dir, tmp_path):
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", min_new_tokens=0))
+    prompts = trainer.local_prompts(run, 0)
+    rollout = trainer.do_rollouts(run, prompts, (), 0)
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    with torch.no_grad():
+        logits = run.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    p, length = rollout.prompt_ids.size(1), rollout.completion_ids.size(1)
+    logp = logits[:, p - 1:p - 1 + length].float().log_softmax(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    cm = rollout.completion_mask.bool()
+    expected = float(ent[cm].mean())
+    upd = trainer.update(run, rollout, torch.zeros(rollout.completion_ids.size(0)), None, None)
+    assert upd.means.reduce(run.accelerator)["entropy"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    from nested_reft.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl", True)
+    log.write({"step": 1, "h_mean": float("nan"), "rho_max": float("inf"), "xs": [float("nan")]})
+
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    line = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse)
+    assert line == {"step": 1, "h_mean": None, "rho_max": None, "xs": [None]}
+
+
+def test_runtime_is_the_whole_stage_including_checkpoints(toy_dir, tmp_path, monkeypatch):
+    import time
+
+    from nested_reft import checkpoint
+
+    real = checkpoint.save_model
+    monkeypatch.setattr(checkpoint, "save_model", lambda *a: (time.sleep(0.5), real(*a))[1])
+    summary = trainer.train(small_cfg(toy_dir, tmp_path / "r", steps=2, save_steps=1))
+    steps = sum(m["step_s"] for m in read_metrics(tmp_path / "r"))
+    assert summary["runtime_s"] >= steps + 1.0  # two checkpoints and the final model, 0.5 s each
+    assert summary["step_time_s"] == pytest.approx(steps)
+    assert summary["token_speed"] == pytest.approx(summary["tokens_processed"] / summary["runtime_s"])
+
+
+def test_completions_that_do_not_fit_the_context_are_refused_before_work(toy_dir, tmp_path):
+    with pytest.raises(ConfigError, match="max_new_tokens=500.*max_position_embeddings=512"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", max_new_tokens=500, min_new_tokens=0))
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(toy_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_dir / "model", tmp_path / "m")
+    for f in tmp_path.joinpath("m").glob("*token*"):
+        f.unlink()
+    (tmp_path / "m" / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", model=str(tmp_path / "m")))
+
+
+def test_the_run_stops_after_k_consecutive_skipped_updates(toy_dir, tmp_path, monkeypatch):
+    real = trainer.policy_loss
+    monkeypatch.setattr(trainer, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
+    with pytest.raises(trainer.TrainingError, match="3 consecutive"):
+        trainer.train(small_cfg(toy_dir, tmp_path / "r", steps=6, max_skipped_updates=3))
+    assert len(read_metrics(tmp_path / "r")) == 3
+
+
+@pytest.fixture
+def gpt2_dir(toy_dir, tmp_path):
+    """A tiny GPT-2 (dropout 0.1 everywhere, its default) with the toy tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(toy_dir / "model")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=6, n_head=4,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(tmp_path / "gpt2")
+    for f in (toy_dir / "model").glob("*"):
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy(f, tmp_path / "gpt2" / f.name)
+    return tmp_path / "gpt2"
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_in_the_policy_unless_asked(toy_dir, tmp_path, gpt2_dir, disable):
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", model=str(gpt2_dir), disable_dropout=disable))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    run.model.train()
+    with torch.no_grad():
+        a, b = run.model(input_ids=ids).logits, run.model(input_ids=ids).logits
+    assert torch.equal(a, b) == disable
+
+
+def test_min_new_tokens_follows_max_new_tokens_unless_given():
+    from nested_reft.config import resolve
+
+    cfg = resolve(TrainConfig, None, {"model": "m", "max_new_tokens": 64})
+    cfg.validate()
+    assert cfg.min_new_tokens == 64
+    assert resolve(TrainConfig, None, {"model": "m", "max_new_tokens": 64, "min_new_tokens": 0}).min_new_tokens == 0
+    assert TrainConfig(model="m").min_new_tokens == 256
+
+
+def test_saved_configs_keep_the_kv_cache_on(toy_dir, tmp_path):
+    trainer.train(small_cfg(toy_dir, tmp_path / "r"))
+    assert json.loads((tmp_path / "r/final/config.json").read_text())["use_cache"] is True
+    assert json.loads((latest_checkpoint(tmp_path / "r") / "config.json").read_text())["use_cache"] is True
+
+
+def test_a_data_set_smaller_than_the_batch_and_sequence_level_is_warn(toy_dir, tmp_path):
+    with pytest.warns(UserWarning, match="fewer than batch_size"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "a", limit=2))
+    with pytest.warns(UserWarning, match="high variance"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "b", is_level="sequence", skip_ratio=0.1))
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "MIT"

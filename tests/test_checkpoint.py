@@ -1,0 +1,215 @@
+"""checkpoint.py: checkpoints hold exactly the state after the step they name; interrupted, torn, stuck or
+changed run directories are resumed, restarted or refused with a clear message."""
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import params, read_metrics, small_cfg
+
+from nested_reft import checkpoint, cli, trainer
+from nested_reft.checkpoint import latest_checkpoint
+from nested_reft.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def alternating(monkeypatch):
+    monkeypatch.setattr(trainer, "math_reward", lambda texts, answers, alts: [float(i % 2 == 0) for i in range(len(texts))])
+
+
+def final_weights(out):
+    return load_file(out / "final/model.safetensors")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_holds_the_state_after_its_step_when_ctrl_c_lands_after_the_update(toy_dir, tmp_path, monkeypatch):
+    """Ctrl-C after the optimizer stepped (here: during step 2's bookkeeping) is deferred to the end of that
+    step: the checkpoint is labelled step 2 and resuming it gives the uninterrupted run's weights."""
+    kw = dict(steps=3, save_steps=10, skip_ratio=0.15, mitigation="retrace")
+    trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    real = trainer.finish_update
+
+    def sigint_after_the_update(run):
+        out = real(run)
+        if run.scheduler.last_epoch == 1:  # inside step 2 (0-based 1), after its optimizer step
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(trainer, "finish_update", sigint_after_the_update)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000002"
+    assert [m["step"] for m in read_metrics(tmp_path / "cut")] == [1, 2]
+    monkeypatch.setattr(trainer, "finish_update", real)
+    trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
+    assert same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
+
+
+def test_ctrl_c_during_a_rollout_saves_the_last_finished_step_at_once(toy_dir, tmp_path, monkeypatch):
+    real = trainer.do_rollouts
+
+    def interrupted(run, prompts, skip, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(run, prompts, skip, step)
+
+    monkeypatch.setattr(trainer, "do_rollouts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(small_cfg(toy_dir, tmp_path / "r", steps=3, save_steps=10))
+    assert latest_checkpoint(tmp_path / "r").name == "step-000001"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_a_run_without_a_complete_checkpoint_restarts(toy_dir, tmp_path, capsys):
+    """A run that died before its first checkpoint (metrics, config, a half-written checkpoint) is
+    started again, with or without --resume, and says so in one line."""
+    for resume in (False, True):
+        out = tmp_path / f"r{resume}"
+        (out / "checkpoints" / ".tmp-step-000001").mkdir(parents=True)
+        (out / "checkpoints" / ".tmp-step-000001" / "model.safetensors").write_bytes(b"partial")
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward_mean": 0.5}) + "\n")
+        (out / "config.yaml").write_text("model: old\n")
+        summary = trainer.train(small_cfg(toy_dir, out, resume=resume))
+        assert summary["steps"] == 2 and [m["step"] for m in read_metrics(out)] == [1, 2]
+        assert not (out / "checkpoints" / ".tmp-step-000001").exists()
+        assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_finished_or_checkpointed_run_is_not_overwritten_without_resume(toy_dir, tmp_path):
+    trainer.train(small_cfg(toy_dir, tmp_path / "r"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        trainer.train(small_cfg(toy_dir, tmp_path / "r"))
+
+
+def test_resume_drops_a_torn_last_metrics_line(toy_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=3, save_steps=1, keep_checkpoints=5))
+    for ckpt in ("step-000003",):
+        import shutil
+
+        shutil.rmtree(out / "checkpoints" / ckpt)
+    (out / "summary.json").unlink()
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text[: len(text) - 30])  # the kill landed inside the last line
+    trainer.train(small_cfg(toy_dir, out, steps=3, save_steps=1, keep_checkpoints=5, resume=True))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert "torn" in capsys.readouterr().err
+
+
+def test_a_corrupt_line_inside_metrics_is_named(toy_dir, tmp_path):
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=2, save_steps=1, keep_checkpoints=5))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("{not json\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="metrics.jsonl:1"):
+        trainer.train(small_cfg(toy_dir, out, steps=3, resume=True))
+
+
+def test_resume_refuses_a_changed_run_defining_field_and_allows_safe_ones(toy_dir, tmp_path):
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=2, skip_ratio=0.1, save_steps=1))
+    before = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        trainer.train(small_cfg(toy_dir, out, steps=3, skip_ratio=0.0, seed=7, resume=True))
+    assert "skip_ratio: 0.1 -> 0.0" in str(err.value) and "seed: 0 -> 7" in str(err.value)
+    assert (out / "config.yaml").read_text() == before
+    summary = trainer.train(small_cfg(toy_dir, out, steps=3, skip_ratio=0.1, save_steps=2, keep_checkpoints=3, resume=True))
+    assert summary["steps"] == 3 and summary["skip_ratio"] == 0.1
+
+
+def test_output_dir_under_a_file_fails_before_the_model_loads(toy_dir, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(trainer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ConfigError, match="afile.*not a directory"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "afile" / "run"))
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temporary_checkpoint(toy_dir, tmp_path, monkeypatch, capsys):
+    real = checkpoint.save_model
+
+    def disk_full(run, path, model_sd):
+        real(run, path, model_sd)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "optimizer.pt"))
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full)
+    out = tmp_path / "r"
+    argv = ["train", "--model", str(toy_dir / "model"), "--dataset", "toy", "--data-dir", str(toy_dir / "data"),
+            "--output-dir", str(out), "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2",
+            "--num-generations", "2", "--max-new-tokens", "4", "--save-steps", "1", "--progress", "false"]
+    assert cli.main(argv) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower() or "Traceback" in ln]
+    assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0] and "checkpoint" in err[0]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_truncated_checkpoint_file_is_named_on_resume(toy_dir, tmp_path):
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=2, save_steps=1, keep_checkpoints=3))
+    (out / "summary.json").unlink()
+    ckpt = latest_checkpoint(out)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="model.safetensors"):
+        trainer.train(small_cfg(toy_dir, out, steps=3, resume=True))
+
+
+def test_a_checkpoint_holds_exactly_its_step(toy_dir, tmp_path):
+    """Every periodic checkpoint equals the weights the uninterrupted run had after that step."""
+    out = tmp_path / "r"
+    run = trainer.setup(small_cfg(toy_dir, out, steps=2, save_steps=1, keep_checkpoints=5))
+    loop = trainer.Loop(run)
+    loop.step(0)
+    after_one = params(run.model)
+    saved = load_file(latest_checkpoint(out) / "model.safetensors")
+    assert latest_checkpoint(out).name == "step-000001"
+    assert all(torch.equal(saved[k], v) for k, v in after_one.items() if k in saved)
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_instants_then_resume_gives_the_same_weights_bit_for_bit(toy_dir, tmp_path):
+    """Fault injection: a CLI run with a checkpoint every step is killed with SIGKILL ten times, half of
+    the kills while a checkpoint is being written; after each kill `--resume true` goes on. The final
+    weights equal the uninterrupted run's bit for bit and every step is logged once."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    def argv(out):
+        return [sys.executable, "-m", "nested_reft", "train", "--model", str(toy_dir / "model"), "--dataset", "toy",
+                "--data-dir", str(toy_dir / "data"), "--output-dir", str(out), "--steps", "40", "--batch-size", "2",
+                "--micro-batch-size", "1", "--num-generations", "2", "--max-new-tokens", "6", "--skip-ratio", "0.15",
+                "--mitigation", "retrace", "--lr", "1e-3", "--save-steps", "1", "--keep-checkpoints", "2",
+                "--progress", "false", "--resume", "true"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv(tmp_path / "full"), check=True, timeout=600, **quiet)
+    out, rng, mid_write = tmp_path / "cut", random.Random(0), 0
+    for kill in range(10):
+        before = latest_checkpoint(out)
+        proc = subprocess.Popen(argv(out), **quiet)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and latest_checkpoint(out) == before:
+            time.sleep(0.01)  # wait until this launch has made progress
+        if kill % 2 == 0:  # then land inside the next checkpoint write
+            while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob(".tmp-*")):
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.0, 0.5))
+        assert proc.poll() is None, "the run finished before all ten kills; give it more steps"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        mid_write += bool(list((out / "checkpoints").glob(".tmp-*")))
+    subprocess.run(argv(out), check=True, timeout=600, **quiet)
+    assert mid_write >= 1  # some kills did land while a checkpoint was being written
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 41))
+    assert same_weights(final_weights(tmp_path / "full"), final_weights(out))
+    assert not list((out / "checkpoints").glob(".tmp-*"))
