@@ -255,6 +255,35 @@ def _run_eval(args) -> int:
     return 0
 
 
+# ---- layers -----------------------------------------------------------------------------------
+
+
+def _add_layers(sub) -> None:
+    from nested_reft.importance import LayersConfig
+
+    p = _add_config_parser(sub, "layers", LayersConfig, _run_layers,
+                           help="per-layer importance: Block Influence, and the KL of skipping each layer or a set",
+                           description="Teacher-forces a data set's problems with their reference solutions and "
+                                       "reports each layer's Block Influence (1 - cos of its input and output, one "
+                                       "forward pass); --kl adds KL(full || without layer i) per layer, --skip-layers "
+                                       "the KL of that whole set. A table on stdout; --output-dir writes layers.json "
+                                       "and a bar chart layers.png.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def _run_layers(args) -> int:
+    from nested_reft.importance import format_layers, run_layers
+
+    report = _run_config(run_layers, args)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_layers(report))
+        if "files" in report:
+            print("wrote " + ", ".join(report["files"]))
+    return 0
+
+
 # ---- demo / sweep / report --------------------------------------------------------------------
 
 
@@ -364,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reinforced fine-tuning with rollouts from layer-skipped nested models (Nested-ReFT).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft, _add_eval, _add_demo, _add_sweep, _add_report):
+    for add in (_add_bench, _add_train, _add_grade, _add_toy, _add_sft, _add_eval, _add_layers, _add_demo, _add_sweep, _add_report):
         add(sub)
     return parser
 
