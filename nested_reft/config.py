@@ -192,6 +192,7 @@ def save_yaml(cfg, path: str | os.PathLike) -> None:
 PAPER_MITIGATIONS = ("base", "practical", "retrace")  # what demo and sweep run by default
 MITIGATIONS = PAPER_MITIGATIONS + ("tis", "mis")  # tis, mis: beyond the paper (objectives.py)
 IS_LEVELS = ("token", "sequence")
+SKIP_POLICIES = ("uniform", "importance", "fixed")  # layer_skip.py
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo")
 
 
@@ -210,6 +211,13 @@ class TrainConfig:
     border: int | None = doc(None, "b: the first and last b layers are never skipped (default: 1 if skip_ratio > 0, else 0)")
     mitigation: str = doc("base", "importance weight h_m: base (rho), practical (1), retrace (lam*min(1,rho)), "
                                   "tis (min(rho,C)) or mis (rho if C_low<=rho<=C, else 0)")
+    skip_policy: str = doc("uniform", "which layers a nested model skips: uniform (the paper's draw), importance "
+                                      "(less important layers more often) or fixed (skip_layers every step)")
+    skip_temperature: float = doc(0.5, "T of the importance policy: p_i ~ exp(-I_i / (mean I * T)); small T skips "
+                                       "the least important layers almost always")
+    profile_every: int = doc(1, "importance policy: refresh the layer profile (Block Influence) from the update's "
+                                "forward pass every N steps")
+    skip_layers: list[int] | None = doc(None, "the fixed policy's layer indices (exactly U of them, none in the border)")
     lam: float = doc(1.0, "lambda of retrace; must be > 0")
     is_cap: float = doc(2.0, "C of tis and mis: the cap on rho; must be > 0")
     is_cap_low: float | None = doc(None, "C_low of mis: smaller rho are masked (default: 1/is_cap)")
@@ -264,6 +272,15 @@ class TrainConfig:
         check_range(e, "skip_ratio", self.skip_ratio, 0.0, 0.99)
         check_range(e, "border", self.border, 0)
         check_choice(e, "mitigation", self.mitigation, MITIGATIONS)
+        check_choice(e, "skip_policy", self.skip_policy, SKIP_POLICIES)
+        check_range(e, "skip_temperature", self.skip_temperature, 0.0, low_open=True)
+        check_range(e, "profile_every", self.profile_every, 1)
+        if self.skip_policy == "fixed" and not self.skip_layers:
+            e.append("skip_policy=fixed needs skip_layers (the layer indices to skip every step)")
+        if self.skip_layers is not None and self.skip_policy != "fixed":
+            e.append(f"skip_layers={self.skip_layers} is used only by skip_policy=fixed (got {self.skip_policy!r})")
+        if self.skip_layers and len(set(self.skip_layers)) != len(self.skip_layers):
+            e.append(f"skip_layers={self.skip_layers} repeats a layer")
         check_range(e, "lam", self.lam, 0.0, low_open=True)
         check_range(e, "is_cap", self.is_cap, 0.0, low_open=True)
         if self.is_cap_low is not None:

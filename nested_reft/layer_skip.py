@@ -9,12 +9,20 @@ Choices (SPEC section 2, items 1-3):
   torch.Generator, returned sorted. U > |V| is a configuration error.
 - Training draws the skip set of step s from a generator seeded by (seed, s) alone (`skip_set_at`), so
   every process draws the same set and a resumed run draws the same sequence.
+- Skip policies (beyond the paper, whose draw is `uniform`): `importance` draws the U layers without
+  replacement (successive draws, each proportional to the remaining layers' probabilities) with
+  p_i proportional to exp(-I_i / (mean_V(I) * T)): the importance profile I (e.g. Block Influence),
+  divided by its mean over V so that the temperature T does not depend on the measure's scale. T -> 0
+  always skips the least important layers, T -> inf is uniform. A profile of zeros (none measured yet)
+  is uniform. `fixed` skips a given set every step. Each draw is a pure function of (seed, step, profile).
 """
 
 import math
 from decimal import ROUND_HALF_UP, Decimal
 
 import torch
+
+from nested_reft.config import SKIP_POLICIES  # noqa: F401  (re-exported)
 
 
 def num_skipped(num_layers: int, ratio: float) -> int:
@@ -61,6 +69,59 @@ def sample_skip_set(
     return tuple(sorted(valid[i] for i in order.tolist()))
 
 
-def skip_set_at(num_layers: int, ratio: float, border: int, seed: int, step: int) -> tuple[int, ...]:
-    """The skip set of step `step` of a run seeded with `seed`: a pure function of its arguments."""
-    return sample_skip_set(num_layers, ratio, border, torch.Generator().manual_seed(seed * 1_000_003 + step))
+def skip_probabilities(importance, valid: list[int], temperature: float) -> torch.Tensor:
+    """p over V [|V|] (float64): softmax of -I_i / (mean_V(I) * T); uniform when I is all zero on V."""
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"skip temperature must be a finite number > 0, got {temperature}")
+    imp = torch.tensor([float(importance[i]) for i in valid], dtype=torch.float64)  # [|V|]
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be finite and >= 0, got {imp.tolist()}")
+    scale = imp.mean()
+    if scale == 0:
+        return torch.full_like(imp, 1.0 / len(valid))
+    return torch.softmax(-imp / (scale * temperature), dim=0)
+
+
+def sample_importance_skip_set(num_layers: int, ratio: float, border: int, importance, temperature: float,
+                               generator: torch.Generator | None = None) -> tuple[int, ...]:
+    """U distinct valid layers drawn without replacement with `skip_probabilities`, sorted."""
+    u = check_skip_config(num_layers, ratio, border)
+    valid = valid_layers(num_layers, border)
+    if len(importance) != num_layers:
+        raise ValueError(f"importance has {len(importance)} values for {num_layers} layers")
+    if u == 0:
+        return ()
+    probs = skip_probabilities(importance, valid, temperature)
+    order = torch.multinomial(probs, u, replacement=False, generator=generator)
+    return tuple(sorted(valid[i] for i in order.tolist()))
+
+
+def check_fixed_skip_set(num_layers: int, ratio: float, border: int, layers) -> tuple[int, ...]:
+    """A `fixed` policy's set: U distinct valid layers (ValueError naming what is wrong), sorted."""
+    u = check_skip_config(num_layers, ratio, border)
+    layers = tuple(int(i) for i in layers)
+    valid = set(valid_layers(num_layers, border))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"skip_layers={list(layers)} repeats a layer")
+    if len(layers) != u:
+        raise ValueError(f"skip_layers={list(layers)} has {len(layers)} layers but skip_ratio={ratio} gives U={u} "
+                         f"of {num_layers}")
+    outside = [i for i in layers if i not in valid]
+    if outside:
+        raise ValueError(f"skip_layers={list(layers)}: layer {outside[0]} is not a valid layer (border={border} "
+                         f"protects the first and last {border} of {num_layers}; valid: {min(valid)}..{max(valid)})")
+    return tuple(sorted(layers))
+
+
+def skip_set_at(num_layers: int, ratio: float, border: int, seed: int, step: int, policy: str = "uniform",
+                importance=None, temperature: float = 1.0, fixed=None) -> tuple[int, ...]:
+    """The skip set of step `step` of a run seeded with `seed`: a pure function of its arguments.
+    `uniform` is the paper's draw; `importance` needs the profile `importance` [N]; `fixed` returns `fixed`."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if policy == "uniform":
+        return sample_skip_set(num_layers, ratio, border, gen)
+    if policy == "importance":
+        return sample_importance_skip_set(num_layers, ratio, border, importance, temperature, gen)
+    if policy == "fixed":
+        return check_fixed_skip_set(num_layers, ratio, border, fixed)
+    raise ValueError(f"unknown skip policy {policy!r}; expected one of {', '.join(SKIP_POLICIES)}")

@@ -43,7 +43,8 @@ from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, ra
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, gather_tensor, global_sum,
                                      make_accelerator, shard_model, use_fsdp)
-from nested_reft.layer_skip import check_skip_config, skip_set_at
+from nested_reft.importance import measuring
+from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at
 from nested_reft.metrics import Means, MetricsLog, clipped_completions, reward_stats
 from nested_reft.models import context_length, disable_dropout, load_model_and_tokenizer
 from nested_reft.models import eos_ids as model_eos_ids
@@ -75,6 +76,7 @@ class Run:
     num_layers: int
     out: Path
     fsdp: bool = False  # model (and reference) sharded with FSDP2's fully_shard
+    profile: list[float] | None = None  # importance skip policy: Block Influence per layer the next draw uses
     dirty: bool = False  # the optimizer stepped in this step and its bookkeeping is not done yet
 
 
@@ -105,6 +107,8 @@ def check_model(cfg: TrainConfig, model) -> int:
         find_layers(model)
         n = num_layers(model)
         check_skip_config(n, cfg.skip_ratio, cfg.border)
+        if cfg.skip_policy == "fixed":
+            check_fixed_skip_set(n, cfg.skip_ratio, cfg.border, cfg.skip_layers)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model={cfg.model!r}: {exc}") from None
     return n
@@ -183,9 +187,28 @@ def step_prompt_indices(num_examples: int, batch_size: int, step: int, seed: int
     return out
 
 
-def step_skip_set(cfg: TrainConfig, n: int, step: int) -> tuple[int, ...]:
-    """The skip set of step `step` (0-based): the same on every process and after a resume."""
-    return skip_set_at(n, cfg.skip_ratio, cfg.border, cfg.seed, step)
+def step_skip_set(cfg: TrainConfig, n: int, step: int, profile=None) -> tuple[int, ...]:
+    """The skip set of step `step` (0-based): the same on every process and after a resume (the
+    importance policy's profile is reduced over processes and saved in checkpoints)."""
+    return skip_set_at(n, cfg.skip_ratio, cfg.border, cfg.seed, step, cfg.skip_policy, profile,
+                       cfg.skip_temperature, cfg.skip_layers)
+
+
+def reduce_profile(run: Run, meter) -> list[float]:
+    """Block Influence per layer from a meter's sums and counts added over processes."""
+    rows = gather_rows(run.accelerator, meter.sums.tolist() + meter.counts.tolist()).sum(0)  # [2N]
+    n = meter.sums.numel()
+    return (rows[:n] / rows[n:].clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def initial_profile(run: Run, prompts: list[Prompt]) -> list[float]:
+    """The first profile, before any update: one full-depth forward pass over the step's prompt tokens."""
+    policy = run.accelerator.unwrap_model(run.model)
+    with measuring(policy, True) as meter, run.accelerator.autocast():
+        for p in prompts:
+            policy(input_ids=torch.tensor([p.ids], device=run.accelerator.device), use_cache=False)
+    return reduce_profile(run, meter)
 
 
 def sampling_generators(cfg: TrainConfig, step: int, positions: list[int]) -> list[torch.Generator]:
@@ -296,10 +319,11 @@ class Update(NamedTuple):
     targets: torch.Tensor  # [B*G, L] pi_old's log-probs (the first iteration's forward when not given)
 
 
-def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp) -> Update:
+def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp, meter=None) -> Update:
     """num_iterations optimizer updates on one rollout batch. old_lp [B*G, L] is pi_old's log-probs, or
     None when num_iterations == 1: then pi_old is the policy itself before this update, and each
-    micro-batch's own forward gives its log-probs (detached), which saves a full forward pass."""
+    micro-batch's own forward gives its log-probs (detached), which saves a full forward pass. An open
+    InfluenceMeter `meter` measures Block Influence over the completion tokens of the first iteration."""
     cfg, acc = run.cfg, run.accelerator
     rows = cfg.micro_batch_size * cfg.num_generations
     world = acc.num_processes
@@ -311,6 +335,8 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp) -> Update:
         for k, i in enumerate(starts):
             sl = slice(i, i + rows)
             mask = rollout.completion_mask[sl]
+            if meter is not None:  # hidden states are [rows, P+L]: count the completion positions, first pass only
+                meter.set_mask(torch.cat([torch.zeros_like(rollout.prompt_mask[sl]), mask * (it == 0)], dim=1))
             sync = run.fsdp or k == len(starts) - 1  # FSDP: reduce-scatter every micro-batch
             with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
                 lp, entropy = full_logprobs(run, run.model, rollout, sl, entropy=True)  # [rows, L], with grad
@@ -355,7 +381,10 @@ def rl_step(run: Run, step: int) -> dict:
     cfg, acc = run.cfg, run.accelerator
     t0 = time.perf_counter()
     prompts = local_prompts(run, step)
-    skip = step_skip_set(cfg, run.num_layers, step)
+    if cfg.skip_policy == "importance" and run.profile is None:
+        run.profile = initial_profile(run, prompts)
+    profile = run.profile
+    skip = step_skip_set(cfg, run.num_layers, step, profile)
     rollout = do_rollouts(run, prompts, skip, step)
     rewards = score(run, prompts, rollout)
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
@@ -366,14 +395,21 @@ def rl_step(run: Run, step: int) -> dict:
                                                                     batch_size=micro_rows)
         ref_lp = None if run.ref_model is None else full_logprobs(run, run.ref_model, rollout, batch_size=micro_rows)
     run.model.train()
-    upd = update(run, rollout, advantages, old_lp, ref_lp)
+    measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
+    with measuring(acc.unwrap_model(run.model), measure) as meter:
+        upd = update(run, rollout, advantages, old_lp, ref_lp, meter)
+    if meter is not None:
+        run.profile = reduce_profile(run, meter)  # what the next step's draw uses
     run.scheduler.step()
     t2 = time.perf_counter()
     _, hm = importance_weights(upd.targets, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
                                cfg.lam, cfg.is_level, cap=cfg.is_cap, cap_low=cfg.is_cap_low)
     offp = offpolicy_sums(upd.targets, rollout.behavior_logprobs, rollout.completion_mask, cfg.is_cap)
-    return step_metrics(run, step, skip, rewards, rollout, hm, upd, rollout_s=rollout.rollout_s, update_s=t2 - t1,
-                        step_s=t2 - t0, offpolicy=offp)
+    metrics = step_metrics(run, step, skip, rewards, rollout, hm, upd, rollout_s=rollout.rollout_s,
+                           update_s=t2 - t1, step_s=t2 - t0, offpolicy=offp)
+    if profile is not None:
+        metrics["layer_profile"] = profile  # the Block Influence this step's skip set was drawn from
+    return metrics
 
 
 def step_metrics(run, step, skip, rewards, rollout, hm, upd: Update, rollout_s, update_s, step_s,
@@ -462,6 +498,7 @@ class Loop:
     def __init__(self, run: Run):
         self.run = run
         self.start, self.state, kept = prepare_output(run)
+        run.profile = self.state.get("layer_profile")
         main = run.accelerator.is_main_process
         self.log = MetricsLog(run.out / "metrics.jsonl", main, kept)
         self.tracker = make_tracker(run.cfg, run.out, main)
@@ -471,6 +508,7 @@ class Loop:
         run, cfg, t0 = self.run, self.run.cfg, time.perf_counter()
         metrics = rl_step(run, step)
         _accumulate(self.state, metrics)
+        self.state["layer_profile"] = run.profile
         self.log.write(metrics)
         if self.tracker:
             self.tracker(metrics, step + 1)
@@ -635,6 +673,7 @@ def make_summary(run: Run, state: dict) -> dict:
         "skipped_updates": state["skipped_updates"],
         **{key: _run_mean(state, key) for key in OFFPOLICY_SUMMARY.values()},
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
+        "skip_policy": cfg.skip_policy,
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,
         "final_checkpoint": str(run.out / "final"),
     }

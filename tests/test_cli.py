@@ -16,7 +16,7 @@ def table_rows() -> list[tuple[str, str, int, str]]:
     """(command, bad input, exit code, message excerpt) of the first table in docs/errors.md."""
     rows = []
     for line in ERRORS_MD.read_text().splitlines():
-        m = re.match(r"^\| (train|sft|eval|grade) \| `(.+?)` \| (\d) \| `+(.+?)`+ \|$", line)
+        m = re.match(r"^\| (train|sft|eval|grade|layers) \| `(.+?)` \| (\d) \| `+(.+?)`+ \|$", line)
         if m:
             rows.append((m.group(1), m.group(2), int(m.group(3)), m.group(4)))
     return rows
@@ -24,7 +24,7 @@ def table_rows() -> list[tuple[str, str, int, str]]:
 
 def test_the_table_is_long_and_covers_every_command():
     rows = table_rows()
-    assert len(rows) >= 25 and {r[0] for r in rows} == {"train", "sft", "eval", "grade"}
+    assert len(rows) >= 25 and {r[0] for r in rows} == {"train", "sft", "eval", "grade", "layers"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def valid_rest(command: str, toy_dir: Path, out: Path) -> list[str]:
     if command == "eval":
         return ["--model", model, "--benchmarks", "toy", "--data-dir", data, "--limit", "1", "--max-new-tokens", "4",
                 "--progress", "false", "--output-dir", str(out)]
+    if command == "layers":
+        return ["--model", model, "--dataset", "toy", "--data-dir", data, "--limit", "2", "--output-dir", str(out)]
     return []
 
 

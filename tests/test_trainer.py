@@ -523,3 +523,69 @@ def test_pyproject_license_is_an_spdx_string():
 
     meta = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert meta["license"] == "MIT"
+
+
+def test_importance_policy_profiles_logs_and_resumes_the_same_sets(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    kw = dict(steps=4, save_steps=2, skip_ratio=0.15, mitigation="retrace", skip_policy="importance",
+              skip_temperature=0.3)
+    trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    a = read_metrics(tmp_path / "full")
+    assert all(len(m["layer_profile"]) == 28 and all(v >= 0 for v in m["layer_profile"]) for m in a)
+    assert a[0]["layer_profile"] != a[1]["layer_profile"]  # refreshed from the update's forward pass
+    for m in a:  # the logged set is the pure function of (seed, step, profile)
+        from nested_reft.layer_skip import skip_set_at
+        assert tuple(m["skip_set"]) == skip_set_at(28, 0.15, 1, 0, m["step"] - 1, "importance", m["layer_profile"], 0.3)
+    real = trainer.rl_step
+
+    def dies_at_step_3(run, step):
+        if step == 2:
+            raise Killed()
+        return real(run, step)
+
+    monkeypatch.setattr(trainer, "rl_step", dies_at_step_3)
+    with pytest.raises(Killed):
+        trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
+    monkeypatch.setattr(trainer, "rl_step", real)
+    trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
+    b = read_metrics(tmp_path / "cut")
+    assert [m["skip_set"] for m in a] == [m["skip_set"] for m in b]
+    assert [m["layer_profile"] for m in a] == [m["layer_profile"] for m in b]
+
+
+def test_update_profile_equals_block_influence_of_the_same_forward(toy_dir, tmp_path, alternating_rewards):
+    """The profile the update measures is Block Influence over the completion tokens of its forward pass."""
+    from nested_reft.importance import block_influence, measuring
+
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15, skip_policy="importance"))
+    prompts = trainer.local_prompts(run, 0)
+    rollout = trainer.do_rollouts(run, prompts, (), 0)
+    adv = trainer.group_advantages(trainer.score(run, prompts, rollout), 4)
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    att = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.completion_mask], 1)
+    ref = block_influence(run.model, ids, att, mask, batch_size=64)
+    run.optimizer.step = lambda *a, **k: None
+    with measuring(run.model, True) as meter:
+        trainer.update(run, rollout, adv, None, None, meter)
+    assert trainer.reduce_profile(run, meter) == pytest.approx(ref, rel=1e-3, abs=1e-5)
+
+
+def test_fixed_policy_skips_the_given_layers(toy_dir, tmp_path, alternating_rewards):
+    trainer.train(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15, skip_policy="fixed", skip_layers=[20, 3, 9, 15]))
+    assert [m["skip_set"] for m in read_metrics(tmp_path / "r")] == [[3, 9, 15, 20]] * 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(skip_policy="bogus"), "skip_policy='bogus'"),
+    (dict(skip_policy="importance", skip_temperature=0.0), "skip_temperature=0.0"),
+    (dict(skip_policy="importance", skip_temperature=float("nan")), "skip_temperature=nan"),
+    (dict(skip_policy="fixed"), "needs skip_layers"),
+    (dict(skip_policy="fixed", skip_layers=[0, 3, 9, 15]), "layer 0 is not a valid layer"),
+    (dict(skip_policy="fixed", skip_layers=[3, 3, 9, 15]), "repeats a layer"),
+    (dict(skip_policy="fixed", skip_layers=[3, 9]), "has 2 layers but skip_ratio=0.15 gives U=4"),
+    (dict(skip_layers=[3, 9, 15, 20]), "used only by skip_policy=fixed"),
+])
+def test_bad_skip_policy_input_fails_before_writing(toy_dir, tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15, **kw))
+    assert not (tmp_path / "r").exists()
