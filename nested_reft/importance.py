@@ -32,7 +32,7 @@ class InfluenceMeter:
 
     def __init__(self, model):
         self.layers = list(find_layers(model).layers)
-        self.sums = torch.zeros(len(self.layers), dtype=torch.float64)  # [N]
+        self.sums = torch.zeros(len(self.layers), dtype=torch.float64)  # [N], moved to the hidden states' device
         self.counts = torch.zeros(len(self.layers), dtype=torch.float64)  # [N]
         self.mask = None
         self.handles = []
@@ -47,8 +47,10 @@ class InfluenceMeter:
             with torch.no_grad():
                 cos = F.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)  # [B, L]
                 keep = torch.ones_like(cos, dtype=torch.bool) if self.mask is None else self.mask.bool().to(cos.device)
-                self.sums[i] += float((1.0 - cos)[keep].double().sum())
-                self.counts[i] += float(keep.sum())
+                if self.sums.device != cos.device:  # accumulate where the model runs: no sync per layer
+                    self.sums, self.counts = self.sums.to(cos.device), self.counts.to(cos.device)
+                self.sums[i] += (1.0 - cos)[keep].double().sum()
+                self.counts[i] += keep.sum()
         return hook
 
     def __enter__(self):
@@ -64,7 +66,7 @@ class InfluenceMeter:
 
     def values(self) -> list[float]:
         """BI per layer (0 for a layer that saw no token)."""
-        return (self.sums / self.counts.clamp(min=1)).tolist()
+        return (self.sums / self.counts.clamp(min=1)).cpu().tolist()
 
 
 @torch.no_grad()

@@ -186,6 +186,20 @@ def _check_caps(cap, cap_low, mitigation: str) -> float:
     return low
 
 
+def _masked_log_ratio(target_logprobs, behavior_logprobs, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [N, L] bool, log rho [N, L] float64, detached, 0 on padding) after checking the shapes."""
+    if target_logprobs.shape != behavior_logprobs.shape or target_logprobs.shape != mask.shape:
+        raise ValueError(
+            "target_logprobs, behavior_logprobs and mask must have the same shape, got "
+            f"{tuple(target_logprobs.shape)}, {tuple(behavior_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    if target_logprobs.dim() != 2:
+        raise ValueError(f"log-probs must be 2-D [N, L], got shape {tuple(target_logprobs.shape)}")
+    valid = mask.detach().bool()
+    log_ratio = target_logprobs.detach().to(torch.float64) - behavior_logprobs.detach().to(torch.float64)
+    return valid, torch.where(valid, log_ratio, torch.zeros_like(log_ratio))
+
+
 def importance_weights(
     target_logprobs: torch.Tensor,
     behavior_logprobs: torch.Tensor,
@@ -221,18 +235,8 @@ def importance_weights(
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
         raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
     low = _check_caps(cap, cap_low, mitigation)
-    if target_logprobs.shape != behavior_logprobs.shape or target_logprobs.shape != mask.shape:
-        raise ValueError(
-            "target_logprobs, behavior_logprobs and mask must have the same shape, got "
-            f"{tuple(target_logprobs.shape)}, {tuple(behavior_logprobs.shape)}, {tuple(mask.shape)}"
-        )
-    if target_logprobs.dim() != 2:
-        raise ValueError(f"log-probs must be 2-D [N, L], got shape {tuple(target_logprobs.shape)}")
-
     with torch.no_grad():
-        valid = mask.detach().bool()  # [N, L]
-        log_ratio = target_logprobs.detach().to(torch.float64) - behavior_logprobs.detach().to(torch.float64)
-        log_ratio = torch.where(valid, log_ratio, torch.zeros_like(log_ratio))  # [N, L], 0 on padding
+        valid, log_ratio = _masked_log_ratio(target_logprobs, behavior_logprobs, mask)  # [N, L] each
 
         if level == "token":
             unit_log_ratio = log_ratio[valid]  # [T] masked tokens
@@ -302,17 +306,8 @@ def offpolicy_sums(target_logprobs: torch.Tensor, behavior_logprobs: torch.Tenso
     k3 and chi^2 pieces use the clamped log-ratio, k1 and |log rho| the raw one).
     """
     _check_caps(cap, None, "tis")
-    if target_logprobs.shape != behavior_logprobs.shape or target_logprobs.shape != mask.shape:
-        raise ValueError(
-            "target_logprobs, behavior_logprobs and mask must have the same shape, got "
-            f"{tuple(target_logprobs.shape)}, {tuple(behavior_logprobs.shape)}, {tuple(mask.shape)}"
-        )
-    if target_logprobs.dim() != 2:
-        raise ValueError(f"log-probs must be 2-D [N, L], got shape {tuple(target_logprobs.shape)}")
     with torch.no_grad():
-        valid = mask.detach().bool()  # [N, L]
-        log_ratio = target_logprobs.detach().to(torch.float64) - behavior_logprobs.detach().to(torch.float64)
-        log_ratio = torch.where(valid, log_ratio, torch.zeros_like(log_ratio))  # [N, L], 0 on padding
+        valid, log_ratio = _masked_log_ratio(target_logprobs, behavior_logprobs, mask)  # [N, L] each
         tok = log_ratio[valid]  # [T]
         tok_c = tok.clamp(max=LOG_RATIO_MAX)  # [T]
         rho = torch.exp(tok_c)  # [T]

@@ -391,6 +391,13 @@ def plot_rewards(runs: list[Run], path: Path, window: int | None = None) -> Path
                 label=run_label(r, with_model))
     ax.set(title=f"Training reward per RL step (faint: each step; solid: mean of the last {window} steps)",
            xlabel="RL step", ylabel="mean reward of the step's rollouts", ylim=(0, None))
+    return _save_step_figure(fig, ax, path)
+
+
+def _save_step_figure(fig, ax, path: Path) -> Path:
+    """The per-step figures' common finish: integer steps, legend, grid, saved at 110 dpi."""
+    import matplotlib.pyplot as plt
+
     ax.title.set_fontsize(10)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
@@ -426,15 +433,7 @@ def plot_offpolicy(runs: list[Run], path: Path) -> Path | None:
     ax.set(title="Off-policy KL(η' || π_old) per RL step (solid, k3, left) and reward (dashed, right)",
            xlabel="RL step", ylabel="k3 estimate of KL(η' || π_old)", ylim=(0, None))
     right.set(ylabel="mean reward of the step's rollouts", ylim=(0, None))
-    ax.title.set_fontsize(10)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_step_figure(fig, ax, path)
 
 
 # ---- output -----------------------------------------------------------------------------------

@@ -102,9 +102,8 @@ class Killed(Exception):
     """Stands in for SIGKILL: the loop dies without saving."""
 
 
-def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path, alternating_rewards, monkeypatch):
-    kw = dict(steps=4, save_steps=2, skip_ratio=0.15, mitigation="base")
-    full = trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+def kill_at_step_3(toy_dir, out, kw, monkeypatch) -> None:
+    """A run that dies (no save) at the start of step 3, after the step-2 checkpoint."""
     real = trainer.rl_step
 
     def dies_at_step_3(run, step):
@@ -114,7 +113,14 @@ def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path, alternating_
 
     monkeypatch.setattr(trainer, "rl_step", dies_at_step_3)
     with pytest.raises(Killed):
-        trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
+        trainer.train(small_cfg(toy_dir, out, **kw))
+
+
+def test_resume_reproduces_the_uninterrupted_run(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    kw = dict(steps=4, save_steps=2, skip_ratio=0.15, mitigation="base")
+    full = trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    real = trainer.rl_step
+    kill_at_step_3(toy_dir, tmp_path / "cut", kw, monkeypatch)
     assert latest_checkpoint(tmp_path / "cut").name == "step-000002"
     monkeypatch.setattr(trainer, "rl_step", real)
     resumed = trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
@@ -536,15 +542,7 @@ def test_importance_policy_profiles_logs_and_resumes_the_same_sets(toy_dir, tmp_
         from nested_reft.layer_skip import skip_set_at
         assert tuple(m["skip_set"]) == skip_set_at(28, 0.15, 1, 0, m["step"] - 1, "importance", m["layer_profile"], 0.3)
     real = trainer.rl_step
-
-    def dies_at_step_3(run, step):
-        if step == 2:
-            raise Killed()
-        return real(run, step)
-
-    monkeypatch.setattr(trainer, "rl_step", dies_at_step_3)
-    with pytest.raises(Killed):
-        trainer.train(small_cfg(toy_dir, tmp_path / "cut", **kw))
+    kill_at_step_3(toy_dir, tmp_path / "cut", kw, monkeypatch)
     monkeypatch.setattr(trainer, "rl_step", real)
     trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
     b = read_metrics(tmp_path / "cut")
