@@ -13,12 +13,14 @@ Choices (SPEC section 4):
   runs sympy's eval-based `parse_expr`, which we never feed completion text). `verify(gold=reference)`.
 - Bounded time: an answer longer than MAX_ANSWER_CHARS, with a digit run longer than MAX_DIGITS, braces
   nested deeper than MAX_DEPTH, a 5+ digit exponent, a number raised to a numeric tower (10^{10^{10}},
-  9^9^9), or a factorial of a 5+ digit number or of a numeric group is never parsed (not equivalent):
-  sympy would work on such integers inside C calls that no signal interrupts. The rest is bounded by a
-  timer: math-verify's own timeout uses `signal.alarm` (whole seconds, and a ValueError off the main
-  thread), so we switch it off and run each `is_equivalent` call (all alternatives together) under our own
-  SIGALRM timer of TIMEOUT_S seconds. Signals only work on the main thread; off it, only the caps bound
-  the time. Extraction is linear in the completion length. No text is ever eval'd or exec'd.
+  9^9^9), a factorial of a 5+ digit number or of a numeric group, or a binomial or Gamma with a 5+ digit
+  number in it is never parsed (not equivalent): sympy would work on such integers inside C calls that no
+  signal interrupts. The rest is bounded by a timer: math-verify's own timeout uses `signal.alarm` (whole
+  seconds, and a ValueError off the main thread), so we switch it off and run each `is_equivalent` call
+  (all alternatives together) under our own SIGALRM timer of TIMEOUT_S seconds, with SIGALRM unblocked for
+  the call (a parent process may hand it to us blocked, and the timer would never fire). Signals only work
+  on the main thread; off it, only the caps bound the time. Extraction is linear in the completion length.
+  No text is ever eval'd or exec'd.
 """
 
 import contextlib
@@ -130,6 +132,10 @@ def _huge_power(answer: str) -> bool:
     return False
 
 
+# Functions whose value at a large integer sympy computes exactly, in C multiplications of huge integers.
+_SPECIAL = re.compile(r"\\(?:[dt]?binom|choose|Gamma)(?![A-Za-z])")
+
+
 def _too_risky(answer: str) -> bool:
     """True for inputs that could make parsing or sympy run for long (checked before any parsing)."""
     if len(answer) > MAX_ANSWER_CHARS or re.search(rf"\d{{{MAX_DIGITS + 1}}}", answer):
@@ -141,7 +147,8 @@ def _too_risky(answer: str) -> bool:
             return True
     numeric = not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", answer))
     big_factorial = re.search(r"\d{5,}\s*\}?\s*!", answer) or (numeric and re.search(r"[)}]\s*!", answer))
-    return bool(big_factorial or "**" in answer or _huge_power(answer))
+    big_special = _SPECIAL.search(answer) and re.search(r"\d{5,}", answer)  # \binom{99999999}{49999999}
+    return bool(big_factorial or big_special or "**" in answer or _huge_power(answer))
 
 
 def _clean(answer: str) -> str:
@@ -211,12 +218,16 @@ def _time_limit(seconds: float):
         raise _Timeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
+    # A parent process (a CI runner, a job scheduler) may hand us SIGALRM blocked: the timer would then
+    # never fire. Unblock it for this block only.
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
     outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     start = time.monotonic()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGALRM, previous)
         if outer_delay:  # a caller's own alarm keeps running, minus the time spent here
             signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - start), 1e-3), outer_interval)

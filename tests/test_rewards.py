@@ -1,5 +1,7 @@
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -129,6 +131,28 @@ def test_timer_restores_the_callers_alarm():
         assert 90.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100.0
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_timer_fires_when_the_parent_blocked_sigalrm():
+    # A CI runner may start us with SIGALRM blocked; the timer must still stop a long sympy evaluation.
+    code = (
+        "import signal, time\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "from nested_reft.rewards import is_equivalent\n"
+        "start = time.perf_counter()\n"
+        "assert not is_equivalent(r'\\Gamma(10^{8})', '7')\n"
+        "assert signal.SIGALRM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's mask is back\n"
+        "print(time.perf_counter() - start)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 5.0
+
+
+def test_huge_binomials_and_gammas_are_never_parsed():
+    assert not is_equivalent(r"\binom{99999999}{49999999}", "7")
+    assert not is_equivalent(r"\Gamma(99999999)", "7")
+    assert is_equivalent(r"\binom{10}{3}", "120")
 
 
 def test_works_off_the_main_thread():
