@@ -301,8 +301,15 @@ def _add_demo(sub) -> None:
     p.add_argument("--num-test", type=int, default=d.num_test, help=f"held-out toy problems (default {d.num_test})")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test problems only (default: all)")
     p.add_argument("--skip-ratio", type=float, default=d.skip_ratio, help=f"x of the nested runs (default {d.skip_ratio})")
-    p.add_argument("--mitigations", nargs="+", default=d.mitigations, help="nested runs to do (default: base practical retrace)")
-    p.add_argument("--sft-epochs", type=int, help="SFT epochs (default: the toy task's recommended setting)")
+    p.add_argument("--mitigations", nargs="+", default=d.mitigations,
+                   help=f"nested runs to do (default: {' '.join(d.mitigations)}; base is the paper's third)")
+    p.add_argument("--sft-epochs", type=int, help="SFT epochs (default: 5 with layer drop, 3 without)")
+    p.add_argument("--layer-drop", type=float, default=d.layer_drop,
+                   help=f"SFT layer-drop ratio, so the nested models work; 0 = plain SFT (default {d.layer_drop})")
+    p.add_argument("--skip-policy", choices=["uniform", "importance"], default=d.skip_policy,
+                   help=f"which layers the nested runs skip (default {d.skip_policy})")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help=f"samples per held-out problem (default {d.eval_samples})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seeds everything (default {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch CPU threads (default {d.threads})")
     p.add_argument("--quick", action="store_true", help="tiny preset (about a minute) that runs every stage; for tests")
@@ -316,7 +323,8 @@ def _run_demo(args) -> int:
 
     cfg = DemoConfig(output_dir=args.output_dir, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
                      eval_limit=args.eval_limit, steps=args.steps, skip_ratio=args.skip_ratio,
-                     mitigations=args.mitigations, sft_epochs=args.sft_epochs, threads=args.threads, quick=args.quick)
+                     mitigations=args.mitigations, sft_epochs=args.sft_epochs, layer_drop=args.layer_drop,
+                     skip_policy=args.skip_policy, eval_samples=args.eval_samples, threads=args.threads, quick=args.quick)
     try:
         res = run_demo(cfg)
     except (ConfigError, ValueError) as exc:

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from nested_reft.config import MITIGATIONS, PAPER_MITIGATIONS
+from nested_reft.config import MITIGATIONS
 
 MODEL_LABEL = "toy-28L"
 # RL hyperparameters of the toy task (mirrored in configs/toy.yaml).
@@ -40,6 +40,13 @@ TOY_RL = dict(num_generations=8, max_new_tokens=64, min_new_tokens=0, temperatur
               batch_size=8, micro_batch_size=8, rollout_batch_size=8, lr=3e-5, lr_scheduler="constant",
               warmup_ratio=0.0, loss_type="bnpo", beta=0.0, save_steps=4, keep_checkpoints=1)
 TOY_EVAL = dict(benchmarks=["toy"], split="test", temperature=0.6, top_p=0.95, max_new_tokens=80, batch_size=100)
+# The demo's default pipeline (docs/results.md measures the choices).
+DEMO_LAYER_DROP = 0.15
+DEMO_SFT_EPOCHS = 5
+DEMO_SKIP_POLICY = "uniform"
+DEMO_EVAL_SAMPLES = 4
+DEMO_MITIGATIONS = ("practical", "retrace")
+PARITY = 0.03  # "matches the baseline": |accuracy delta| at most this (issue 12)
 QUICK = dict(num_train=48, num_test=16, steps=2, sft_epochs=1, rl=dict(batch_size=2, micro_batch_size=2,
              rollout_batch_size=2, num_generations=4, max_new_tokens=12, min_new_tokens=12, save_steps=1),
              eval=dict(max_new_tokens=12))
@@ -54,8 +61,11 @@ class DemoConfig:
     eval_limit: int | None = None  # evaluate on the first N test problems (None: all)
     steps: int = TOY_RL["steps"]  # RL steps per run
     skip_ratio: float = 0.15  # x of the nested runs
-    mitigations: list = dataclasses.field(default_factory=lambda: list(PAPER_MITIGATIONS))
-    sft_epochs: int | None = None  # None: synthetic.TOY_SFT's
+    mitigations: list = dataclasses.field(default_factory=lambda: list(DEMO_MITIGATIONS))
+    sft_epochs: int | None = None  # None: DEMO_SFT_EPOCHS with layer drop, synthetic.TOY_SFT's without
+    layer_drop: float = DEMO_LAYER_DROP  # SFT's layer-drop ratio, so that the nested models work (0: plain SFT)
+    skip_policy: str = DEMO_SKIP_POLICY  # which layers the nested runs skip (train --skip-policy)
+    eval_samples: int = DEMO_EVAL_SAMPLES  # samples per held-out problem (pass@1 over them)
     threads: int = min(2, os.cpu_count() or 1)  # torch CPU threads (1 on a machine busy with other work)
     quick: bool = False  # tiny preset for tests (overrides the sizes above)
 
@@ -69,6 +79,12 @@ def check(cfg: DemoConfig) -> None:
         raise ValueError(f"demo: --eval-limit must be >= 1, got {cfg.eval_limit}")
     if cfg.sft_epochs is not None and cfg.sft_epochs < 1:
         raise ValueError(f"demo: --sft-epochs must be >= 1, got {cfg.sft_epochs}")
+    if cfg.eval_samples < 1:
+        raise ValueError(f"demo: --eval-samples must be >= 1, got {cfg.eval_samples}")
+    if not 0 <= cfg.layer_drop < 1:
+        raise ValueError(f"demo: --layer-drop must be in [0, 1), got {cfg.layer_drop}")
+    if cfg.skip_policy not in ("uniform", "importance"):
+        raise ValueError(f"demo: --skip-policy must be uniform or importance, got {cfg.skip_policy!r}")
     if not 0 < cfg.skip_ratio <= 0.5:
         raise ValueError(f"demo: --skip-ratio must be in (0, 0.5], got {cfg.skip_ratio}")
     bad = [m for m in cfg.mitigations if m not in MITIGATIONS]
@@ -89,9 +105,11 @@ def sweep_spec(cfg: DemoConfig):
     from nested_reft.synthetic import TOY_SFT
 
     out = Path(cfg.output_dir)
-    rl = {**TOY_RL, "steps": cfg.steps, "seed": cfg.seed, **(QUICK["rl"] if cfg.quick else {})}
-    sft = {**TOY_SFT, "seed": cfg.seed, **({"epochs": cfg.sft_epochs} if cfg.sft_epochs else {})}
-    ev = {**TOY_EVAL, "seed": cfg.seed, "limit": cfg.eval_limit, **(QUICK["eval"] if cfg.quick else {})}
+    rl = {**TOY_RL, "steps": cfg.steps, "seed": cfg.seed, "skip_policy": cfg.skip_policy, **(QUICK["rl"] if cfg.quick else {})}
+    epochs = cfg.sft_epochs or (DEMO_SFT_EPOCHS if cfg.layer_drop > 0 else TOY_SFT["epochs"])
+    sft = {**TOY_SFT, "seed": cfg.seed, "epochs": epochs, "layer_drop": cfg.layer_drop}
+    ev = {**TOY_EVAL, "seed": cfg.seed, "limit": cfg.eval_limit, "num_samples": cfg.eval_samples,
+          **(QUICK["eval"] if cfg.quick else {})}
     return SweepSpec(output_dir=str(out), models={MODEL_LABEL: str(out / "toy" / "model")}, datasets=["toy"],
                      data_dir=str(out / "toy" / "data"), skip_ratios=[cfg.skip_ratio], mitigations=list(cfg.mitigations),
                      baseline=True, train=rl, sft=sft, eval=ev, lockstep=True, threads=cfg.threads,
@@ -119,6 +137,28 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def problem_scores(eval_dir: Path) -> list[float] | None:
+    """Each held-out problem's mean reward over its samples (pass@1), in data order; None if not evaluated."""
+    path = eval_dir / "samples.jsonl"
+    if not path.is_file():
+        return None
+    sums, counts = {}, {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        key = (r["benchmark"], r["problem_index"])
+        sums[key], counts[key] = sums.get(key, 0.0) + r["reward"], counts.get(key, 0) + 1
+    return [sums[k] / counts[k] for k in sorted(sums)]
+
+
+def paired_stderr(run: list[float] | None, base: list[float] | None) -> float | None:
+    """Standard error of the accuracy difference run - base over the same problems (paired by problem)."""
+    from nested_reft.evaluate import standard_error
+
+    if run is None or base is None or len(run) != len(base):
+        return None
+    return standard_error([a - b for a, b in zip(run, base)])
+
+
 def collect(cfg: DemoConfig, rep: dict, wall_s: float) -> dict:
     """results.json: the SFT checkpoint, one row per RL run (deltas to the baseline), machine, timing."""
     import torch
@@ -127,21 +167,30 @@ def collect(cfg: DemoConfig, rep: dict, wall_s: float) -> dict:
     sft_dir = out / "sft" / f"{MODEL_LABEL}__toy"
     sft_eval, sft_summary = read_json(sft_dir / "eval" / "summary.json"), read_json(sft_dir / "sft_summary.json")
     by_run = {d["run"]: d for d in rep["deltas"]}
+    scores = {r["path"]: problem_scores(Path(r["path"]) / "eval") for r in rep["runs"]}
+    base_path = next((r["path"] for r in rep["runs"] if r["skip_ratio"] == 0), None)
     rows = []
     for r in rep["runs"]:
         d = by_run.get(r["path"], {})
         metrics = [json.loads(line) for line in (Path(r["path"]) / "metrics.jsonl").read_text().splitlines() if line]
+        summary = read_json(Path(r["path"]) / "summary.json")
+        ev = read_json(Path(r["path"]) / "eval" / "summary.json")
         rows.append({"run": Path(r["path"]).name, "skip_ratio": r["skip_ratio"], "skipped_layers": r["skipped_layers"],
-                     "border": r["border"], "mitigation": r["mitigation"], "accuracy": r["accuracy"],
-                     "accuracy_abs_delta": d.get("accuracy_abs"), "token_speed": r["token_speed"],
+                     "border": r["border"], "mitigation": r["mitigation"],
+                     "skip_policy": summary.get("skip_policy", "uniform") if r["skip_ratio"] > 0 else None,
+                     "accuracy": r["accuracy"], "accuracy_stderr": ev and ev["benchmarks"]["toy"]["stderr"],
+                     "accuracy_abs_delta": d.get("accuracy_abs"),
+                     "accuracy_delta_stderr": None if r["path"] == base_path else paired_stderr(scores[r["path"]], scores.get(base_path)),
+                     "token_speed": r["token_speed"],
                      "token_speed_rel_delta": d.get("token_speed_rel"), "runtime_s": r["runtime_s"],
                      "runtime_rel_delta": d.get("runtime_rel"),
-                     "rollout_tokens_per_s": read_json(Path(r["path"]) / "summary.json")["rollout_tokens_per_s"],
+                     "rollout_tokens_per_s": summary["rollout_tokens_per_s"],
                      "reward_per_step": [m["reward_mean"] for m in metrics]})
     return {"options": dataclasses.asdict(cfg), "date": time.strftime("%Y-%m-%d"), "wall_s": wall_s,
             "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                         "python": platform.python_version(), "torch": torch.__version__},
-            "sft": {"accuracy": sft_eval and sft_eval["mean"], "runtime_s": sft_summary and sft_summary["runtime_s"],
+            "sft": {"accuracy": sft_eval and sft_eval["mean"], "accuracy_stderr": sft_eval and sft_eval["benchmarks"]["toy"]["stderr"],
+                    "layer_drop": cfg.layer_drop, "runtime_s": sft_summary and sft_summary["runtime_s"],
                     "loss_last": sft_summary and sft_summary["loss_last"], "updates": sft_summary and sft_summary["updates"]},
             "runs": rows}
 
@@ -150,15 +199,24 @@ def _f(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _kind(r: dict) -> str:
+    return "baseline" if r["skip_ratio"] == 0 else f"Nested-ReFT ({r.get('skip_policy') or 'uniform'})"
+
+
+def _pm(value, se, fmt: str = ".3f") -> str:
+    """value ± se, or a dash without a value."""
+    return "—" if value is None else format(value, fmt) + ("" if se is None else f" ± {se:.3f}")
+
+
 def table(res: dict) -> str:
-    """The comparison table (markdown; readable as plain text too)."""
-    sft = res["sft"]["accuracy"]
-    lines = ["| run | x | U | b | mitigation | acc. after SFT | acc. after RL | Δabs acc. | tokens/s | Δ tokens/s (%) "
-             "| runtime (s) | Δ runtime (%) |", "| --- | ---: | ---: | ---: | --- |" + " ---: |" * 7]
+    """The comparison table (markdown; readable as plain text too). ± is one standard error."""
+    sft = res["sft"]
+    lines = ["| run (skip policy) | x | U | b | mitigation | acc. after SFT | acc. after RL | Δabs acc. | tokens/s "
+             "| Δ tokens/s (%) | runtime (s) | Δ runtime (%) |", "| --- | ---: | ---: | ---: | --- |" + " ---: |" * 7]
     for r in res["runs"]:
-        kind = "baseline" if r["skip_ratio"] == 0 else "Nested-ReFT"
-        lines.append(f"| {kind} | {r['skip_ratio']:.2f} | {r['skipped_layers']} | {r['border']} | {r['mitigation']} | "
-                     f"{_f(sft, '.3f')} | {_f(r['accuracy'], '.3f')} | {_f(r['accuracy_abs_delta'], '+.3f')} | "
+        lines.append(f"| {_kind(r)} | {r['skip_ratio']:.2f} | {r['skipped_layers']} | {r['border']} | {r['mitigation']} | "
+                     f"{_pm(sft['accuracy'], sft.get('accuracy_stderr'))} | {_pm(r['accuracy'], r.get('accuracy_stderr'))} | "
+                     f"{_pm(r['accuracy_abs_delta'], r.get('accuracy_delta_stderr'), '+.3f')} | "
                      f"{r['token_speed']:.0f} | {_f(r['token_speed_rel_delta'], '+.1f')} | {r['runtime_s']:.1f} | "
                      f"{_f(r['runtime_rel_delta'], '+.1f')} |")
     return "\n".join(lines)
@@ -173,9 +231,17 @@ def verdicts(res: dict) -> list[str]:
         word = "improves" if base["accuracy"] > sft else "does NOT improve"
         out.append(f"RL {word} the baseline's accuracy over SFT: {sft:.3f} -> {base['accuracy']:.3f} ({base['accuracy'] - sft:+.3f})")
     for r in res["runs"]:
-        if r["skip_ratio"] > 0 and r["token_speed_rel_delta"] is not None:
+        if r["skip_ratio"] == 0 or base is None:
+            continue
+        name = f"{r['mitigation']:9} x={r['skip_ratio']:.2f}"
+        if r["accuracy_abs_delta"] is not None:
+            word = "within" if abs(r["accuracy_abs_delta"]) <= PARITY else "NOT within"
+            se = r.get("accuracy_delta_stderr")
+            out.append(f"{name}: accuracy {word} {100 * PARITY:.0f} points of the baseline's ({r['accuracy']:.3f} vs "
+                       f"{base['accuracy']:.3f}, {r['accuracy_abs_delta']:+.3f}" + ("" if se is None else f" ± {se:.3f} paired SE") + ")")
+        if r["token_speed_rel_delta"] is not None:
             word = "above" if r["token_speed_rel_delta"] > 0 else "NOT above"
-            out.append(f"{r['mitigation']:9} x={r['skip_ratio']:.2f}: token speed {word} the baseline's "
+            out.append(f"{name}: token speed {word} the baseline's "
                        f"({r['token_speed']:.0f} vs {base['token_speed']:.0f} tokens/s, {r['token_speed_rel_delta']:+.1f}%)")
     return out
 
@@ -185,8 +251,10 @@ def markdown(res: dict, figures: list[str]) -> str:
     m = res["machine"]
     head = [f"# Nested-ReFT demo ({res['date']})", "",
             f"Toy task: {o['num_train']} train / {o['num_test']} test problems, 28-layer Qwen2 model; "
-            f"SFT ({res['sft']['updates']} updates, {_f(res['sft']['runtime_s'], '.0f')} s), then {o['steps']} RL steps per run. "
+            f"SFT ({res['sft']['updates']} updates, layer drop {res['sft'].get('layer_drop', 0):g}, {_f(res['sft']['runtime_s'], '.0f')} s), then {o['steps']} RL steps per run. "
             f"Wall time {res['wall_s']:.0f} s on {m['cpus']} CPUs ({m['torch_threads']} torch threads), {m['platform']}.", "",
+            f"Accuracy: pass@1 over {o.get('eval_samples', 1)} samples per held-out problem; ± is one standard error "
+            "(over problems; for Δ, paired by problem).", "",
             table(res), "", *[f"- {v}" for v in verdicts(res)], ""]
     return "\n".join(head + [f"![{Path(f).stem}]({Path(f).name})" for f in figures] + [""])
 

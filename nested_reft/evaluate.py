@@ -5,7 +5,9 @@ Choices:
   KV-cached sampler (`rollout.generate`, full model, no skipped layers); temperature 0 is greedy.
 - n = `num_samples` completions per problem (default n = k); pass@k per problem is the unbiased estimator
   1 - C(n-c, k) / C(n, k) with c correct samples, and a benchmark's accuracy is its mean over problems.
-  With k = 1 this is the mean reward.
+  With k = 1 this is the mean reward. Its `stderr` is the standard error over problems of the per-problem
+  scores (sd / sqrt(problems)): it counts the noise of the samples and of the choice of problems, so more
+  samples per problem shrink it only down to what the problem set allows.
 - The completion budget is capped per benchmark so that its longest prompt + completion fits the model's
   `max_position_embeddings` (a warning says so); a prompt that does not fit at all is an error.
 - Prompts are sorted by length within a benchmark before batching (less padding); every output is put
@@ -150,8 +152,18 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConf
 # ---- scoring ----------------------------------------------------------------------------------
 
 
-def score_benchmark(name: str, examples: list[Example], completions, k: int) -> tuple[list[dict], float]:
-    """Per-sample records (data order, then sample order) and the benchmark's mean pass@k."""
+def standard_error(scores: list[float]) -> float:
+    """Standard error of the mean of per-problem scores (the sample sd over problems / sqrt(count)): the
+    noise of a benchmark's accuracy from both the samples and the choice of problems."""
+    n = len(scores)
+    if n < 2:
+        return 0.0
+    mean = sum(scores) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)
+
+
+def score_benchmark(name: str, examples: list[Example], completions, k: int) -> tuple[list[dict], list[float]]:
+    """Per-sample records (data order, then sample order) and each problem's pass@k."""
     records, scores = [], []
     for index, (ex, samples) in enumerate(zip(examples, completions)):
         texts = [text for text, _ in samples]
@@ -162,7 +174,7 @@ def score_benchmark(name: str, examples: list[Example], completions, k: int) -> 
             records.append({"benchmark": name, "id": ex.id, "problem_index": index, "sample_index": s,
                             "completion": text, "extracted": extract_answer(text), "reference": ex.answer,
                             "reward": reward, "num_tokens": num_tokens})
-    return records, sum(scores) / len(scores)
+    return records, scores
 
 
 def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalConfig) -> dict:
@@ -189,9 +201,10 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalCo
     for name, exs in benchmarks.items():
         t0 = time.perf_counter()
         completions = sample_completions(model, tokenizer, prompts[name], cfg, budgets[name], bar)
-        recs, accuracy = score_benchmark(name, exs, completions, cfg.k)
+        recs, scores = score_benchmark(name, exs, completions, cfg.k)
         records += recs
-        results[name] = {"accuracy": accuracy, "num_problems": len(exs), "max_new_tokens": budgets[name],
+        results[name] = {"accuracy": sum(scores) / len(scores), "stderr": standard_error(scores),
+                         "num_problems": len(exs), "max_new_tokens": budgets[name],
                          "mean_completion_tokens": sum(r["num_tokens"] for r in recs) / len(recs),
                          "runtime_s": time.perf_counter() - t0}
     bar.close()

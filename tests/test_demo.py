@@ -41,6 +41,9 @@ def test_rollouts_fit_the_longest_toy_solution(tmp_path):
     (["--mitigations", "base", "nope"], "--mitigations"),
     (["--skip-ratio", "0"], "--skip-ratio"),
     (["--eval-limit", "0"], "--eval-limit"),
+    (["--eval-samples", "0"], "--eval-samples"),
+    (["--layer-drop", "1"], "--layer-drop"),
+    (["--layer-drop", "nan"], "--layer-drop"),
 ])
 def test_bad_options_exit_2_before_any_work(tmp_path, capsys, args, message):
     out = tmp_path / "demo"
@@ -65,6 +68,30 @@ def test_the_demo_is_a_one_ratio_sweep(tmp_path):
     assert all(j.cfg.model == str(tmp_path / "sft" / "toy-28L__toy") for j in jobs)
 
 
+def test_demo_options_reach_the_sft_train_and_eval_configs(tmp_path):
+    from nested_reft.sweep import plan
+
+    cfg = demo.DemoConfig(output_dir=str(tmp_path), skip_policy="importance", eval_samples=3)
+    spec = demo.sweep_spec(cfg)
+    assert spec.sft["layer_drop"] == demo.DEMO_LAYER_DROP and spec.sft["epochs"] == demo.DEMO_SFT_EPOCHS
+    assert spec.eval["num_samples"] == 3
+    assert {j.cfg.skip_policy for j in plan(spec)} == {"importance"}
+    plain = demo.sweep_spec(demo.DemoConfig(output_dir=str(tmp_path), layer_drop=0.0))
+    assert plain.sft["layer_drop"] == 0.0 and plain.sft["epochs"] == 3  # the paper's plain SFT, TOY_SFT's epochs
+
+
+def test_paired_stderr_is_the_se_of_per_problem_differences(tmp_path):
+    rows = [{"benchmark": "toy", "problem_index": i, "reward": r} for i, rs in enumerate([[1, 1], [0, 1], [0, 0]]) for r in rs]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = demo.problem_scores(tmp_path)
+    assert scores == [1.0, 0.5, 0.0] and demo.problem_scores(tmp_path / "missing") is None
+    diffs = [1.0 - 1.0, 0.5 - 0.0, 0.0 - 0.0]
+    mean = sum(diffs) / 3
+    expected = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
+    assert demo.paired_stderr(scores, [1.0, 0.0, 0.0]) == pytest.approx(expected)
+    assert demo.paired_stderr(scores, [1.0, 0.0]) is None and demo.paired_stderr(None, scores) is None
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -73,10 +100,13 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     first = time.perf_counter() - t0
     printed = capsys.readouterr().out
     assert "| baseline | 0.00 | 0 | 0 | base |" in printed and "token speed" in printed
+    assert "| Nested-ReFT (uniform) | 0.15 | 4 | 1 | retrace |" in printed and "points of the baseline" in printed
     res = json.loads((out / "results.json").read_text())
-    assert [(r["skip_ratio"], r["mitigation"]) for r in res["runs"]] == [
-        (0.0, "base"), (0.15, "base"), (0.15, "practical"), (0.15, "retrace")]
-    assert [r["skipped_layers"] for r in res["runs"]] == [0, 4, 4, 4]
+    assert [(r["skip_ratio"], r["mitigation"]) for r in res["runs"]] == [(0.0, "base"), (0.15, "practical"), (0.15, "retrace")]
+    assert [r["skipped_layers"] for r in res["runs"]] == [0, 4, 4]
+    assert [r["skip_policy"] for r in res["runs"]] == [None, "uniform", "uniform"]
+    assert all(r["accuracy_stderr"] is not None for r in res["runs"]) and res["runs"][0]["accuracy_delta_stderr"] is None
+    assert all(r["accuracy_delta_stderr"] is not None for r in res["runs"][1:])
     assert all(r["token_speed"] > 0 and r["runtime_s"] > 0 and r["accuracy"] is not None for r in res["runs"])
     assert all(r["token_speed_rel_delta"] is not None for r in res["runs"][1:])
     assert res["sft"]["accuracy"] is not None and len(res["runs"][0]["reward_per_step"]) == demo.QUICK["steps"]

@@ -209,3 +209,18 @@ def test_fsdp2_trains_like_one_process_and_resumes(toy_dir, one_process, tmp_pat
     assert untimed[0] == untimed[1]
     wa, wb = load_file(out / "final/model.safetensors"), load_file(resumed / "final/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_importance_policy_draws_the_same_sets_on_two_processes(toy_dir, tmp_path):
+    """The importance profile is measured on each process's rows and reduced over both: 2 processes and 1
+    draw the same skip sets from (nearly) the same profile, step after step."""
+    args = dict(skip_policy="importance", steps=3, save_steps=3)
+    one = subprocess.run([sys.executable, WORKER, *train_args(toy_dir, tmp_path / "one", **args)], env=env(),
+                         capture_output=True, text=True, timeout=LIMIT_S)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(train_args(toy_dir, tmp_path / "two", **args))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [m["skip_set"] for m in a] == [m["skip_set"] for m in b] and len({tuple(m["skip_set"]) for m in a}) > 1
+    for x, y in zip(a, b):
+        assert x["layer_profile"] == pytest.approx(y["layer_profile"], rel=1e-4, abs=1e-6)

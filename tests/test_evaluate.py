@@ -8,7 +8,7 @@ import torch
 
 from nested_reft import cli, evaluate as ev
 from nested_reft.data import load_examples
-from nested_reft.evaluate import EvalConfig, pass_at_k
+from nested_reft.evaluate import EvalConfig, pass_at_k, standard_error
 from nested_reft.synthetic import build_model, build_tokenizer
 
 # Problems of deliberately unsorted lengths; answers all distinct. Minerva's reference is not what the
@@ -94,11 +94,20 @@ def test_pass_at_k_hand_values():
             pass_at_k(n, c, k)
 
 
+def test_standard_error_is_the_sd_over_problems_over_root_count():
+    import statistics
+
+    scores = [1.0, 0.5, 0.25, 0.0, 1.0]
+    assert standard_error(scores) == pytest.approx(statistics.stdev(scores) / len(scores) ** 0.5)
+    assert standard_error([0.7]) == 0.0 and standard_error([0.5, 0.5, 0.5]) == 0.0
+
+
 def test_forced_correct_scores_one_in_data_order(monkeypatch, tiny, data_dir, tmp_path):
     summary, calls = run(monkeypatch, tiny, data_dir, num_correct=2, k=1, num_samples=2, batch_size=2,
                          output_dir=str(tmp_path))
     assert summary["benchmarks"]["math500"]["accuracy"] == 1.0 and summary["mean"] == 1.0
     assert summary["benchmarks"]["minerva"]["accuracy"] == 1.0  # via the alternative
+    assert summary["benchmarks"]["math500"]["stderr"] == 0.0  # every problem scored the same
     math_calls = [n for lens, _ in calls[:3] for n in lens]  # math500: 5 prompts in batches of 2
     assert math_calls == sorted(math_calls) and len(calls) == 4
     records = read_samples(tmp_path)
