@@ -4,7 +4,7 @@ For U in --u, draws --draws skip sets with each policy (the trainer's own draw: 
 0..draws-1 and --seed), profiles the model once with Block Influence on --calib training problems (their
 reference solutions teacher-forced), and reports for every set its per-token KL on that batch and its
 accuracy on the held-out problems (one sample per problem at the demo's eval settings). Prints a markdown
-table and writes --output JSON. Meant for docs/results.md (not run yet):
+table and writes --output JSON. docs/results.md has its output for the plain toy checkpoint (2026-12-03):
 
     python scripts/skip_policy_study.py --model runs/demo/sft/toy-28L__toy --data-dir runs/demo/toy/data \
         --u 1 3 4 --draws 10 --output skip_policy_study.json
