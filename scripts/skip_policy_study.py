@@ -6,7 +6,7 @@ reference solutions teacher-forced), and reports for every set its per-token KL 
 accuracy on the held-out problems (one sample per problem at the demo's eval settings). Prints a markdown
 table and writes --output JSON. docs/results.md has its output for the plain toy checkpoint (2026-12-03):
 
-    python scripts/skip_policy_study.py --model runs/demo/sft/toy-28L__toy --data-dir runs/demo/toy/data \
+    python scripts/skip_policy_study.py --model runs/plain --data-dir runs/demo/toy/data \
         --u 1 3 4 --draws 10 --output skip_policy_study.json
 """
 

@@ -5,7 +5,7 @@ For U = --u layers skipped, profiles the model once with Block Influence on --ca
 function (skip_set_at, steps 0..draws-1, --seed) and reports the mean per-token KL of those sets on the
 same batch and how many distinct sets were drawn. KL only, no sampling: a minute on the toy model.
 
-    python scripts/skip_temperature_sweep.py --model runs/demo/sft/toy-28L__toy --data-dir runs/demo/toy/data
+    python scripts/skip_temperature_sweep.py --model runs/plain --data-dir runs/demo/toy/data
 """
 
 import argparse
