@@ -41,6 +41,7 @@ MAX_ANSWER_CHARS = 300
 MAX_DIGITS = 40
 MAX_DEPTH = 10
 TIMEOUT_S = 0.5
+REPEAT_S = 0.05  # the timer fires again this often until the block ends
 REL_TOL = Fraction(1, 10**6)
 
 # math-verify warns once that its (signal-based) timeout is off: we run our own timer instead.
@@ -214,18 +215,23 @@ def _time_limit(seconds: float):
         yield
         return
 
+    active = [True]
+
     def on_alarm(signum, frame):
-        raise _Timeout
+        if active[0]:
+            raise _Timeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     # A parent process (a CI runner, a job scheduler) may hand us SIGALRM blocked: the timer would then
     # never fire. Unblock it for this block only.
     mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    # The alarm repeats: sympy has bare `except:` clauses that can swallow one _Timeout and carry on.
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds, REPEAT_S)
     start = time.monotonic()
     try:
         yield
     finally:
+        active[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGALRM, previous)

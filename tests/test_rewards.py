@@ -149,6 +149,22 @@ def test_timer_fires_when_the_parent_blocked_sigalrm():
     assert float(done.stdout) < 5.0
 
 
+def test_timer_fires_again_when_a_bare_except_swallows_it():
+    # sympy has bare `except:` clauses; one swallowed _Timeout must not let the computation run on
+    from nested_reft import rewards
+
+    start = time.perf_counter()
+    with pytest.raises(rewards._Timeout):
+        with rewards._time_limit(0.2):
+            try:
+                time.sleep(5)
+            except BaseException:  # noqa: BLE001 - what sympy does
+                pass
+            time.sleep(5)
+    assert time.perf_counter() - start < 2.0
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def test_huge_binomials_and_gammas_are_never_parsed():
     assert not is_equivalent(r"\binom{99999999}{49999999}", "7")
     assert not is_equivalent(r"\Gamma(99999999)", "7")
