@@ -29,6 +29,15 @@ def ratio_for(n: int, u: int) -> float:
     return u / n
 
 
+def load_profiled(model_dir: str, dataset: str, data_dir: str, calib: int):
+    """The model (eval mode), its tokenizer, a calibration batch of `calib` problems with their solutions
+    teacher-forced, and the model's Block Influence on it."""
+    model, tok = load_model_and_tokenizer(model_dir)
+    model.eval()
+    batch = calibration_batch(LayersConfig(model=model_dir, dataset=dataset, data_dir=data_dir, limit=calib), tok)
+    return model, tok, batch, block_influence(model, batch["input_ids"], batch["attention_mask"], batch["mask"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -46,12 +55,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = load_model_and_tokenizer(args.model)
-    model.eval()
-    batch = calibration_batch(LayersConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                                           limit=args.calib), tok)
+    model, tok, batch, bi = load_profiled(args.model, args.dataset, args.data_dir, args.calib)
     n = len(model.model.layers)
-    bi = block_influence(model, batch["input_ids"], batch["attention_mask"], batch["mask"])
     tests = {"toy": load_examples(args.dataset, "test", args.data_dir, args.eval_limit)}
     ev = EvalConfig(benchmarks=["toy"], split="test", temperature=0.6, top_p=0.95, max_new_tokens=80, batch_size=100,
                     seed=args.seed, progress=False)

@@ -14,9 +14,9 @@ import statistics
 
 import torch
 
-from nested_reft.importance import LayersConfig, block_influence, calibration_batch, skip_kl
+from nested_reft.importance import skip_kl
 from nested_reft.layer_skip import skip_set_at
-from nested_reft.models import load_model_and_tokenizer
+from skip_policy_study import load_profiled  # scripts/ is on sys.path when this file runs
 
 
 def main() -> None:
@@ -33,12 +33,8 @@ def main() -> None:
     ap.add_argument("--output", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer(args.model)
-    model.eval()
-    batch = calibration_batch(LayersConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir,
-                                           limit=args.calib), tok)
+    model, _, batch, bi = load_profiled(args.model, args.dataset, args.data_dir, args.calib)
     n = len(model.model.layers)
-    bi = block_influence(model, batch["input_ids"], batch["attention_mask"], batch["mask"])
     kl_of = {}
     rows = []
     for policy, temperature in [("uniform", None)] + [("importance", t) for t in args.temperatures]:
