@@ -36,7 +36,11 @@ RESUME_MAY_CHANGE = ("steps", "save_steps", "keep_checkpoints", "resume", "repor
 
 
 class CheckpointError(OSError):
-    """Writing or reading a checkpoint failed on the file system (disk full, permissions, I/O)."""
+    """Writing a checkpoint or another output of the run failed on the file system (disk full, I/O)."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the weights diverged); the last checkpoint is the place to resume from."""
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -87,7 +91,8 @@ def save_checkpoint(run, step: int, state: dict) -> Path | None:
     acc.wait_for_everyone()
     final = checkpoint_dir(run.out, step)
     if not weights_finite(run.model, acc, run.fsdp):
-        raise RuntimeError(f"refusing to checkpoint step {step}: the weights are not finite")
+        raise TrainingError(f"refusing to checkpoint step {step}: the weights are not finite (diverged); resume "
+                            f"from {latest_checkpoint(run.out)} with a lower lr")
     model_sd, optim_sd = full_state(run, optimizer=True)
     if acc.is_main_process:
         tmp = final.parent / f".tmp-{final.name}"
@@ -97,16 +102,15 @@ def save_checkpoint(run, step: int, state: dict) -> Path | None:
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         prune_checkpoints(run.out, run.cfg.keep_checkpoints)
     acc.wait_for_everyone()
     return final
 
 
 class written_or_removed:
-    """Context manager: an OSError (or safetensors' error) inside removes `tmp` and becomes one
-    CheckpointError naming `what` and the cause."""
+    """Context manager: an OSError (or safetensors' error) inside removes `tmp` (a directory or a file;
+    None: nothing to remove) and becomes one CheckpointError naming `what` and the cause."""
 
     def __init__(self, tmp: Path, what: str):
         self.tmp, self.what = tmp, what
@@ -117,10 +121,23 @@ class written_or_removed:
     def __exit__(self, kind, exc, tb):
         if exc is None or not (isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"):
             return False
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True) if self.tmp.is_dir() else self.tmp.unlink(missing_ok=True)
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         raise CheckpointError(f"{self.what} failed: {cause}{where}") from exc
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished directory `tmp` to `final`. An existing `final` (a step saved again after a resume)
+    is renamed aside first and removed last, so a kill at any instant leaves either the old or the new
+    directory under the real name, never a half-deleted one (a leftover `.old-*` is removed at the next start)."""
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -137,8 +154,7 @@ def save_final_model(run) -> None:
         with written_or_removed(tmp, f"writing the final model {final}"):
             shutil.rmtree(tmp, ignore_errors=True)
             save_model(run, tmp, model_sd)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
     acc.wait_for_everyone()
 
 
@@ -236,9 +252,12 @@ def prepare_output(run) -> tuple[int, dict, list[dict]]:
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in [*(out / CHECKPOINTS).glob(".tmp-*"), out / ".tmp-final"] + ([] if ckpt else [out / "summary.json"]):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        save_yaml(cfg, out / "config.yaml")
+        with written_or_removed(None, f"preparing the run directory {out}"):
+            stale = [*(out / CHECKPOINTS).glob(".tmp-*"), *(out / CHECKPOINTS).glob(".old-*"), out / ".tmp-final",
+                     out / ".old-final"] + ([] if ckpt else [out / "summary.json"])
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            save_yaml(cfg, out / "config.yaml")
     run.accelerator.wait_for_everyone()
     return int(state.get("step", 0)), state, kept
 

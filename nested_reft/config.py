@@ -59,7 +59,7 @@ def add_arguments(parser, cls, skip=()) -> None:
             help_text = f"{help_text} (default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, default=None, type=_parse_bool, metavar="{true,false}",
-                                help=help_text)
+                                nargs="?", const=True, help=help_text)  # a bare `--kl` means true
         elif base is list:
             parser.add_argument(flag, dest=f.name, default=None, nargs="+", type=_elem_type(hints[f.name]),
                                 help=help_text)
@@ -131,7 +131,7 @@ def resolve(cls, yaml_path=None, overrides: dict | None = None):
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError(invalid(errors))
     return cls(**coerced)
 
 
@@ -176,9 +176,16 @@ def output_dir_problems(path: Path) -> list[str]:
     return []
 
 
+def invalid(errors: list[str]) -> str:
+    """The message of a ConfigError: one line for one bad field, a line per field for several."""
+    if len(errors) == 1:
+        return f"invalid configuration: {errors[0]}"
+    return f"invalid configuration ({len(errors)} fields):\n  " + "\n  ".join(errors)
+
+
 def raise_if(errors: list) -> None:
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError(invalid(errors))
 
 
 def to_dict(cfg) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nested_reft.config import doc
+from nested_reft.config import doc, output_dir_problems
 from nested_reft.data import Example, encode_prompt, load_examples, resolve_template
 from nested_reft.rewards import extract_answer, math_reward
 from nested_reft.models import context_length, eos_ids
@@ -87,8 +87,8 @@ def check_config(cfg: EvalConfig) -> None:
         if not math.isfinite(getattr(cfg, name)):
             raise ValueError(f"eval: `{name}` must be a finite number, got {getattr(cfg, name)}")
     sampling_config(cfg, cfg.max_new_tokens).validate()  # temperature, top_p
-    if cfg.output_dir is not None and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        raise ValueError(f"eval: output_dir {cfg.output_dir} exists and is not a directory")
+    if cfg.output_dir is not None and (problems := output_dir_problems(Path(cfg.output_dir))):
+        raise ValueError(f"eval: {problems[0]}")
 
 
 def sampling_config(cfg: EvalConfig, max_new_tokens: int) -> SamplingConfig:
@@ -172,7 +172,7 @@ def score_benchmark(name: str, examples: list[Example], completions, k: int) -> 
         scores.append(pass_at_k(len(texts), int(sum(rewards)), k))
         for s, ((text, num_tokens), reward) in enumerate(zip(samples, rewards)):
             records.append({"benchmark": name, "id": ex.id, "problem_index": index, "sample_index": s,
-                            "completion": text, "extracted": extract_answer(text), "reference": ex.answer,
+                            "problem": ex.problem, "completion": text, "extracted": extract_answer(text), "reference": ex.answer,
                             "reward": reward, "num_tokens": num_tokens})
     return records, scores
 
@@ -221,16 +221,23 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalCo
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_outputs(output_dir: Path, records: list[dict], summary: dict) -> dict:
-    """samples.jsonl (one line per sample) and summary.json; returns their paths."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """samples.jsonl (one line per sample) and summary.json; returns their paths. A file system failure
+    (disk full) removes the partial file and raises CheckpointError (exit 1)."""
+    from nested_reft.checkpoint import written_or_removed
+
     paths = {"samples_file": str(output_dir / "samples.jsonl"), "summary_file": str(output_dir / "summary.json")}
-    write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_atomic(output_dir / "summary.json", json.dumps({**summary, **paths}, indent=2) + "\n")
+    with written_or_removed(None, f"writing the evaluation outputs to {output_dir}"):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(output_dir / "summary.json", json.dumps({**summary, **paths}, indent=2) + "\n")
     return paths
 
 

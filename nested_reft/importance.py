@@ -46,11 +46,12 @@ class InfluenceMeter:
             y = output[0] if isinstance(output, tuple) else output  # [B, L, H]
             with torch.no_grad():
                 cos = F.cosine_similarity(x.detach().float(), y.detach().float(), dim=-1)  # [B, L]
-                keep = torch.ones_like(cos, dtype=torch.bool) if self.mask is None else self.mask.bool().to(cos.device)
+                # a 0/1 weight, not a boolean index: indexing needs the count on the host (a sync per layer on CUDA)
+                keep = torch.ones_like(cos) if self.mask is None else (self.mask != 0).to(cos.device, cos.dtype)
                 if self.sums.device != cos.device:  # accumulate where the model runs: no sync per layer
                     self.sums, self.counts = self.sums.to(cos.device), self.counts.to(cos.device)
-                self.sums[i] += (1.0 - cos)[keep].double().sum()
-                self.counts[i] += keep.sum()
+                self.sums[i] += ((1.0 - cos) * keep).double().sum()
+                self.counts[i] += keep.double().sum()
         return hook
 
     def __enter__(self):
@@ -125,6 +126,8 @@ def measuring(model, enabled: bool):
 class LayersConfig:
     model: str = doc("", "model directory or hub id")
     dataset: str = doc("gsm8k", "calibration data set (its problems with their reference solutions, teacher-forced)")
+    completions: str | None = doc(None, "calibrate on given completions instead: a JSONL file of {problem or prompt, "
+                                        "completion} records (eval's samples.jsonl qualifies); --dataset is then unused")
     data_dir: str | None = doc(None, "data root in the shared layout (default: $NESTED_REFT_DATA)")
     split: str = doc("train", "split of the data set")
     limit: int = doc(64, "calibration examples (the first N)")
@@ -147,25 +150,59 @@ class LayersConfig:
             e.append(f"skip_layers={self.skip_layers} repeats a layer")
         if self.output_dir:
             e += output_dir_problems(Path(self.output_dir))
+        if self.completions and not Path(self.completions).is_file():
+            e.append(f"completions={self.completions!r} does not exist")
         raise_if(e)
 
 
+def read_completions(path: str, limit: int) -> list[tuple[str, str, bool]]:
+    """(prompt text, completion, templated) of the first `limit` records of a JSONL file: `problem` is put
+    through the prompt template, `prompt` is used as it is. Errors name file:line and the field."""
+    import json
+
+    from nested_reft.config import ConfigError
+
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if len(records) == limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+        key = "problem" if isinstance(r, dict) and isinstance(r.get("problem"), str) else "prompt"
+        if not isinstance(r, dict) or not isinstance(r.get(key), str) or not isinstance(r.get("completion"), str):
+            raise ConfigError(f"{path}:{number}: expected an object with string fields 'completion' and "
+                              f"'problem' or 'prompt'")
+        records.append((r[key], r["completion"], key == "problem"))
+    return records
+
+
 def calibration_batch(cfg: LayersConfig, tokenizer) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and the target-token mask [B, L] of the data set's first `limit`
-    problems with their reference solutions (the SFT targets), right-padded."""
+    """input_ids, attention_mask and the target-token mask [B, L], right-padded, of the first `limit`
+    calibration examples: the data set's problems with their reference solutions (the SFT targets), or
+    the given completions after their prompts."""
     from nested_reft.config import ConfigError
     from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
     from nested_reft.sft import build_example, collate
 
+    source = f"completions={cfg.completions!r}" if cfg.completions else f"dataset={cfg.dataset!r}"
     try:
-        examples = load_examples(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit)
         template = resolve_template(tokenizer, cfg.template)
-        items = [build_example(tokenizer, encode_prompt(tokenizer, ex.problem, template), sft_target(ex, cfg.dataset),
-                               cfg.max_length) for ex in examples]
+        if cfg.completions:
+            pairs = [(encode_prompt(tokenizer, text, template) if templated else
+                      tokenizer(text, add_special_tokens=False)["input_ids"], completion)
+                     for text, completion, templated in read_completions(cfg.completions, cfg.limit)]
+        else:
+            pairs = [(encode_prompt(tokenizer, ex.problem, template), sft_target(ex, cfg.dataset))
+                     for ex in load_examples(cfg.dataset, cfg.split, cfg.data_dir, cfg.limit)]
+        items = [build_example(tokenizer, prompt, target, cfg.max_length) for prompt, target in pairs]
     except DataError as exc:
-        raise ConfigError(f"dataset={cfg.dataset!r}: {exc}") from None
+        raise ConfigError(f"{source}: {exc}") from None
     if not items:
-        raise ConfigError(f"dataset={cfg.dataset!r} split={cfg.split!r} has no examples")
+        raise ConfigError(f"{source} has no examples")
     batch = collate(items, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "mask": batch["labels"] != -100}
@@ -178,7 +215,7 @@ def profile_model(model, batch: dict, cfg: LayersConfig) -> dict:
 
     n = len(find_layers(model).layers)
     ids, att, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
-    report = {"model": cfg.model, "dataset": cfg.dataset, "examples": int(ids.size(0)),
+    report = {"model": cfg.model, "dataset": cfg.completions or cfg.dataset, "examples": int(ids.size(0)),
               "target_tokens": int(mask.sum()), "num_layers": n, "border": cfg.border,
               "valid_layers": valid_layers(n, cfg.border),
               "block_influence": block_influence(model, ids, att, mask, cfg.batch_size)}

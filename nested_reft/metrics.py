@@ -10,7 +10,9 @@ Choices:
   standard deviations: what GRPO normalises by; TRL >= 1.0 logs the batch std under this name, which we
   log as `reward_std_batch`), `frac_reward_zero_std`, `completions/mean_length`,
   `completions/clipped_ratio` (completions that reached max_new_tokens without EOS), `kl` (beta > 0),
-  `entropy` (of the policy on its completion tokens) and `clip_ratio/{low,high,region}_mean`.
+  `entropy` (of the policy on its completion tokens), `clip_ratio/{low,high,region}_mean`, and, as TRL
+  computes them, `clip_ratio/low_min` and `clip_ratio/high_max`: the min and max over processes of each
+  process's mean.
 - metrics.jsonl is strict JSON: NaN and infinities are written as null (Python's json would write the
   bare, invalid `NaN`). One flushed, fsync'ed line per step, written by process 0.
 """
@@ -42,6 +44,11 @@ class Means:
         for name in names or values:
             if name in values:
                 self.add(name, values[name], weight)
+
+    def local(self, name: str) -> float:
+        """This process's weighted mean of `name` (NaN where it has no weight)."""
+        total, weight = self.sums.get(name, (0.0, 0.0))
+        return total / weight if weight > 0 else math.nan
 
     def reduce(self, acc) -> dict[str, float | None]:
         """{name: global weighted mean} (None where the total weight is 0)."""

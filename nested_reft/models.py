@@ -55,7 +55,9 @@ def check_tokenizer(name: str, tokenizer, model) -> None:
 
 
 def disable_dropout(model: nn.Module) -> int:
-    """Switch every dropout of the model off; returns how many rates were non-zero."""
+    """Switch every dropout module and attention-dropout rate of the model off (the modules only, as TRL's
+    disable_dropout_in_model: model.config, and so every checkpoint, keeps the model's own rates);
+    returns how many rates were non-zero."""
     changed = 0
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
@@ -64,10 +66,6 @@ def disable_dropout(model: nn.Module) -> int:
             if isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0:
                 setattr(module, attr, 0.0)
                 changed += 1
-    config = getattr(model, "config", None)
-    for attr in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
-        if isinstance(getattr(config, attr, None), float):
-            setattr(config, attr, 0.0)
     return changed
 
 

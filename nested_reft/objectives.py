@@ -294,6 +294,7 @@ class OffPolicySums(NamedTuple):
     rho_seq_sq: float  # sum of rho_seq^2
     outside: float  # tokens with rho outside [1/cap, cap]
     abs_log_ratio: float  # sum of |log rho|
+    rho_log_rho: float  # sum of rho * log rho (KL(pi_old || eta'), importance-weighted)
     max_abs_log_ratio: float  # max of |log rho| (0 with no tokens)
 
 
@@ -324,6 +325,7 @@ def offpolicy_sums(target_logprobs: torch.Tensor, behavior_logprobs: torch.Tenso
             rho_seq_sq=float((rho_seq * rho_seq).sum()),
             outside=float(((rho < 1.0 / cap) | (rho > cap)).sum()),
             abs_log_ratio=float(tok.abs().sum()),
+            rho_log_rho=float((rho * tok_c).sum()),
             max_abs_log_ratio=float(tok.abs().max()) if tok.numel() else 0.0,
         )
 
@@ -343,7 +345,10 @@ def finish_offpolicy(s: OffPolicySums) -> dict[str, float]:
 
     rollout_corr/kl = k1 = mean(log eta' - log pi_old) and rollout_corr/k3_kl = mean(rho - 1 - log rho),
     both estimating KL(eta' || pi_old) from eta''s samples (k1 can be negative, k3 >= 0);
-    chi2_token = mean(rho^2) - 1, chi2_seq = mean(rho_seq^2) - 1; ess_token / ess_seq =
+    rollout_corr/kl_old_behavior = mean(rho log rho) estimates the other direction, KL(pi_old || eta')
+    (importance-weighted: E_eta'[rho log rho]; heavy-tailed when rho is); chi2_token = mean(rho^2) - 1,
+    chi2_seq = mean(rho_seq^2) - 1 (sample estimates of E[rho^2] - 1 >= 0 that can come out negative
+    on a finite batch); ess_token / ess_seq =
     (sum w)^2 / (n sum w^2) of w = rho / rho_seq (in (0, 1]; 0 if every weight underflowed);
     ratio_outside_frac = fraction of token rho outside [1/cap, cap]; max_abs_log_ratio = max |log rho|;
     TRL's sampling/sampling_logp_difference/{mean,max} = mean and max of |log rho|.
@@ -357,6 +362,7 @@ def finish_offpolicy(s: OffPolicySums) -> dict[str, float]:
     return {
         "rollout_corr/kl": s.neg_log_ratio / t,
         "rollout_corr/k3_kl": s.k3 / t,
+        "rollout_corr/kl_old_behavior": s.rho_log_rho / t,
         "rollout_corr/chi2_token": s.rho_sq / t - 1.0 if any_tok else 0.0,
         "rollout_corr/chi2_seq": s.rho_seq_sq / n - 1.0 if any_seq else 0.0,
         "rollout_corr/ess_token": ess(s.rho, s.rho_sq, s.tokens),

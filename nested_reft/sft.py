@@ -147,21 +147,15 @@ def prepare(cfg: SFTConfig, tokenizer) -> tuple[list, int]:
 def save_atomically(model, tokenizer, summary: dict, output_dir: Path) -> None:
     """save_pretrained into a temporary sibling, then rename it into place (replacing an old one). A file
     system failure removes the temporary directory and raises CheckpointError."""
-    from nested_reft.checkpoint import written_or_removed
+    from nested_reft.checkpoint import replace_dir, written_or_removed
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     with written_or_removed(tmp, f"writing the SFT checkpoint {output_dir}"):
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, tokenizer, tmp)
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        output_dir.rename(old)
-        tmp.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output_dir)
+        replace_dir(tmp, output_dir)
 
 
 # ---- training ---------------------------------------------------------------------------------

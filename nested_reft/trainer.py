@@ -38,7 +38,8 @@ from typing import NamedTuple
 
 import torch
 
-from nested_reft.checkpoint import latest_checkpoint, prepare_output, save_checkpoint, save_final_model, write_summary
+from nested_reft.checkpoint import (TrainingError, latest_checkpoint, prepare_output, save_checkpoint, save_final_model,
+                                   write_summary, written_or_removed)
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, gather_tensor, global_sum,
@@ -78,10 +79,6 @@ class Run:
     fsdp: bool = False  # model (and reference) sharded with FSDP2's fully_shard
     profile: list[float] | None = None  # importance skip policy: Block Influence per layer the next draw uses
     dirty: bool = False  # the optimizer stepped in this step and its bookkeeping is not done yet
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the weights diverged); the last checkpoint is the place to resume from."""
 
 
 # ---- setup ------------------------------------------------------------------------------------
@@ -422,8 +419,9 @@ def step_metrics(run, step, skip, rewards, rollout, hm, upd: Update, rollout_s, 
     clipped = clipped_completions(rollout.completion_ids, rollout.completion_mask, eos_ids(run), cfg.max_new_tokens)
     local = [rollout.num_completion_tokens, rollout.num_prompt_tokens, rollout.completion_ids.size(0), clipped,
              rollout_s, hm["num_units"], hm["h_min"] if hm["num_units"] else math.inf,
-             hm["h_max"] if hm["num_units"] else -math.inf]
-    rows = gather_rows(acc, local)  # [world, 8]
+             hm["h_max"] if hm["num_units"] else -math.inf,
+             upd.means.local("clip_frac_low"), upd.means.local("clip_frac_high")]
+    rows = gather_rows(acc, local)  # [world, 10]
     gen_tokens, prompt_tokens, seqs, clipped = (float(rows[:, i].sum()) for i in range(4))
     upd.means.add_all(hm, hm["num_units"], ("h_mean", "h_truncated_frac", "h_capped_frac", "h_masked_frac",
                                             "log_ratio_mean"))
@@ -468,8 +466,16 @@ def step_metrics(run, step, skip, rewards, rollout, hm, upd: Update, rollout_s, 
         "clip_ratio/low_mean": means.get("clip_frac_low"),
         "clip_ratio/high_mean": means.get("clip_frac_high"),
         "clip_ratio/region_mean": means.get("clip_frac"),
+        "clip_ratio/low_min": _nan_reduce(rows[:, 8], torch.min),
+        "clip_ratio/high_max": _nan_reduce(rows[:, 9], torch.max),
         **({"kl": means.get("kl")} if cfg.beta > 0 else {}),
     }
+
+
+def _nan_reduce(values: torch.Tensor, reduce) -> float | None:
+    """reduce() over the non-NaN entries (a process with no completion tokens has none); None if all are."""
+    values = values[~values.isnan()]
+    return float(reduce(values)) if values.numel() else None
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -493,14 +499,18 @@ def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
 class Loop:
     """One run's RL stage, one step at a time: `train` runs a Loop to the end, the sweep's lockstep mode
     interleaves several. Opening it creates, restarts or resumes the run directory (checkpoint.py).
-    runtime_s is the stage's wall time: every step with its logging and checkpoints, and the final save."""
+    runtime_s is the stage's wall time: every step with its logging and checkpoints, and the final save.
+    A checkpoint carries the runtime up to the start of its own save (the step itself included), so a
+    resumed run's total misses only the save it resumed from."""
 
     def __init__(self, run: Run):
         self.run = run
         self.start, self.state, kept = prepare_output(run)
         run.profile = self.state.get("layer_profile")
         main = run.accelerator.is_main_process
-        self.log = MetricsLog(run.out / "metrics.jsonl", main, kept)
+        self.metrics_path = run.out / "metrics.jsonl"
+        with written_or_removed(None, f"writing {self.metrics_path}"):
+            self.log = MetricsLog(self.metrics_path, main, kept)
         self.tracker = make_tracker(run.cfg, run.out, main)
 
     def step(self, step: int) -> dict:
@@ -509,14 +519,17 @@ class Loop:
         metrics = rl_step(run, step)
         _accumulate(self.state, metrics)
         self.state["layer_profile"] = run.profile
-        self.log.write(metrics)
+        with written_or_removed(None, f"writing {self.metrics_path}"):  # a torn line is dropped on resume
+            self.log.write(metrics)
         if self.tracker:
             self.tracker(metrics, step + 1)
+        self.state["runtime_s"] += time.perf_counter() - t0
         run.dirty = False  # weights, optimizer, scheduler and totals all describe step + 1 now
         self.check_diverged(step)
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.steps:
+            t1 = time.perf_counter()
             save_checkpoint(run, step + 1, self.state)
-        self.state["runtime_s"] += time.perf_counter() - t0
+            self.state["runtime_s"] += time.perf_counter() - t1
         return metrics
 
     def check_diverged(self, step: int) -> None:
@@ -637,6 +650,7 @@ def _run_mean(state: dict, key: str) -> float | None:
 OFFPOLICY_SUMMARY = {
     "rollout_corr/kl": "offpolicy_kl_k1_mean",
     "rollout_corr/k3_kl": "offpolicy_kl_k3_mean",
+    "rollout_corr/kl_old_behavior": "offpolicy_kl_old_behavior_mean",
     "rollout_corr/chi2_token": "offpolicy_chi2_token_mean",
     "rollout_corr/chi2_seq": "offpolicy_chi2_seq_mean",
     "rollout_corr/ess_token": "offpolicy_ess_token_mean",

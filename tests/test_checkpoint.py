@@ -214,3 +214,84 @@ def test_sigkill_at_ten_random_instants_then_resume_gives_the_same_weights_bit_f
     assert [m["step"] for m in read_metrics(out)] == list(range(1, 41))
     assert same_weights(final_weights(tmp_path / "full"), final_weights(out))
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def _cli_argv(toy_dir, out, *extra):
+    return ["train", "--model", str(toy_dir / "model"), "--dataset", "toy", "--data-dir", str(toy_dir / "data"),
+            "--output-dir", str(out), "--steps", "2", "--batch-size", "2", "--micro-batch-size", "2",
+            "--num-generations", "2", "--max-new-tokens", "4", "--progress", "false", *extra]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower() or "Traceback" in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+    return lines[0]
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line_exit_1(toy_dir, tmp_path, monkeypatch, capsys):
+    def disk_full(self, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(trainer.MetricsLog, "write", disk_full)
+    assert cli.main(_cli_argv(toy_dir, tmp_path / "r")) == 1
+    line = _one_error_line(capsys)
+    assert "No space left on device" in line and "metrics.jsonl" in line
+
+
+def test_safetensors_own_write_error_is_one_line_exit_1(toy_dir, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    def refuse(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_model", refuse)
+    out = tmp_path / "r"
+    assert cli.main(_cli_argv(toy_dir, out, "--save-steps", "1")) == 1
+    assert "StorageFull" in _one_error_line(capsys)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_diverged_weights_stop_the_cli_with_exit_1(toy_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "finish_update", lambda run: (float("nan"), False))
+    assert cli.main(_cli_argv(toy_dir, tmp_path / "r", "--steps", "5", "--max-skipped-updates", "2")) == 1
+    assert "2 consecutive updates were skipped" in _one_error_line(capsys)
+
+
+def test_non_finite_weights_are_never_checkpointed(toy_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "weights_finite", lambda *a: False)
+    out = tmp_path / "r"
+    assert cli.main(_cli_argv(toy_dir, out, "--save-steps", "1")) == 1
+    assert "weights are not finite" in _one_error_line(capsys)
+    assert latest_checkpoint(out) is None
+
+
+def test_saving_a_step_again_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    final, tmp = tmp_path / "step-000002", tmp_path / ".tmp-step-000002"
+    for d, text in ((final, "old"), (tmp, "new")):
+        d.mkdir()
+        (d / "trainer_state.json").write_text(text)
+    real = os.replace
+    calls = []
+
+    def killed_after_first_rename(src, dst):
+        calls.append(dst)
+        real(src, dst)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # a kill between the two renames
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.replace_dir(tmp, final)
+    assert not final.exists() and (tmp_path / ".old-step-000002" / "trainer_state.json").read_text() == "old"
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    checkpoint.replace_dir(tmp, final)
+    assert (final / "trainer_state.json").read_text() == "new" and not (tmp_path / ".old-step-000002").exists()
+
+
+def test_runtime_survives_a_resume(toy_dir, tmp_path):
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=2, save_steps=1, keep_checkpoints=3))
+    state = json.loads((out / "checkpoints/step-000001/trainer_state.json").read_text())
+    first_step = read_metrics(out)[0]["step_s"]
+    assert state["runtime_s"] >= first_step  # the step it names is in its runtime

@@ -96,6 +96,39 @@ def test_layers_command_table_json_and_chart(toy_dir, tmp_path, capsys):
     assert report["skip_set_kl"] > 0 and (tmp_path / "out" / "layers.png").stat().st_size > 1000
     assert main(base + ["--json"]) == 0
     assert "kl" not in json.loads(capsys.readouterr().out)
+    assert main(base + ["--json", "--kl"]) == 0  # a bare --kl means true
+    assert len(json.loads(capsys.readouterr().out)["kl"]) == n
+
+
+def test_layers_calibrates_on_given_completions(toy_dir, tmp_path, capsys):
+    """--completions: the completions' tokens after their prompts are the calibration targets; a record with
+    `problem` gets the prompt template, one with `prompt` is used as written."""
+    from transformers import AutoTokenizer
+
+    from nested_reft.data import encode_prompt, resolve_template
+    from nested_reft.models import load_model_and_tokenizer
+    from nested_reft.sft import build_example, collate
+
+    records = [{"problem": "Ava has 3 apples. She finds 4 more. How many now?", "completion": "3 + 4 = 7. \\boxed{7}"},
+               {"prompt": "2 + 2 =", "completion": " 4"}]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["layers", "--model", str(toy_dir / "model"), "--completions", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model, tok = load_model_and_tokenizer(str(toy_dir / "model"))
+    prompts = [encode_prompt(tok, records[0]["problem"], resolve_template(tok, "auto")),
+               tok("2 + 2 =", add_special_tokens=False)["input_ids"]]
+    batch = collate([build_example(tok, p, r["completion"], 512) for p, r in zip(prompts, records)], tok.pad_token_id)
+    expected = block_influence(model.eval(), batch["input_ids"], batch["attention_mask"], batch["labels"] != -100)
+    assert report["examples"] == 2 and report["block_influence"] == pytest.approx(expected, rel=1e-5)
+    assert report["target_tokens"] == int((batch["labels"] != -100).sum())
+
+
+def test_layers_names_the_bad_line_of_a_completions_file(toy_dir, tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"problem": "x", "completion": "y"}) + "\n" + json.dumps({"completion": 3}) + "\n")
+    assert main(["layers", "--model", str(toy_dir / "model"), "--completions", str(path)]) == 2
+    assert f"{path}:2: expected an object" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -247,6 +247,7 @@ def _offpolicy_by_hand(target, behavior, mask, cap=2.0):
     return {
         "rollout_corr/kl": -sum(toks) / n,
         "rollout_corr/k3_kl": sum(r - 1 - x for r, x in zip(rho, toks)) / n,
+        "rollout_corr/kl_old_behavior": sum(r * x for r, x in zip(rho, toks)) / n,
         "rollout_corr/chi2_token": sum(r * r for r in rho) / n - 1,
         "rollout_corr/chi2_seq": sum(r * r for r in rseq) / s - 1,
         "rollout_corr/ess_token": sum(rho) ** 2 / (n * sum(r * r for r in rho)),

@@ -358,7 +358,7 @@ def test_clip_frac_and_kl_cover_every_micro_batch(toy_dir, tmp_path, monkeypatch
     assert len(calls) == 2 and m["clip_frac"] == pytest.approx(0.5)
 
 
-OFFPOLICY_KEYS = ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/chi2_token", "rollout_corr/chi2_seq",
+OFFPOLICY_KEYS = ("rollout_corr/kl", "rollout_corr/k3_kl", "rollout_corr/kl_old_behavior", "rollout_corr/chi2_token", "rollout_corr/chi2_seq",
                   "rollout_corr/ess_token", "rollout_corr/ess_seq", "rollout_corr/ratio_outside_frac",
                   "rollout_corr/max_abs_log_ratio", "sampling/sampling_logp_difference/mean",
                   "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
@@ -498,6 +498,7 @@ def test_dropout_is_off_in_the_policy_unless_asked(toy_dir, tmp_path, gpt2_dir, 
     with torch.no_grad():
         a, b = run.model(input_ids=ids).logits, run.model(input_ids=ids).logits
     assert torch.equal(a, b) == disable
+    assert run.model.config.attn_pdrop == run.model.config.resid_pdrop == 0.1  # checkpoints keep the model's rates
 
 
 def test_min_new_tokens_follows_max_new_tokens_unless_given():
@@ -587,3 +588,19 @@ def test_bad_skip_policy_input_fails_before_writing(toy_dir, tmp_path, kw, messa
     with pytest.raises(ConfigError, match=message):
         trainer.setup(small_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15, **kw))
     assert not (tmp_path / "r").exists()
+
+
+def test_tensorboard_gets_every_numeric_metric(toy_dir, tmp_path, alternating_rewards):
+    pytest.importorskip("tensorboard", reason='the tensorboard extra: pip install -e ".[tensorboard]"')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    trainer.train(small_cfg(toy_dir, out, steps=2, skip_ratio=0.15, mitigation="tis", report_to="tensorboard"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"rollout_corr/k3_kl", "rollout_corr/ess_token", "rollout_corr/kl_old_behavior", "reward", "h_mean",
+            "clip_ratio/low_min"} <= tags
+    first = read_metrics(out)[0]
+    assert events.Scalars("rollout_corr/k3_kl")[0].value == pytest.approx(first["rollout_corr/k3_kl"], rel=1e-6)
+    assert [e.step for e in events.Scalars("reward")] == [1, 2]
