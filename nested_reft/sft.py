@@ -10,6 +10,9 @@ Choices:
   transformers' Trainer does with `num_items_in_batch`), so an example weighs by its tokens, not by
   the micro-batch it landed in. Then the gradient norm is clipped to `max_grad_norm`, then AdamW with
   linear warmup and decay. A non-finite loss or gradient norm skips that update (counted), weights untouched.
+- The target log-probs come from `logprobs.scored_head` (head and log-softmax fused chunk by chunk, so no
+  [B, L, V] float32 logits are held for backward) when `supports_scored_head` allows it; models that
+  transform their logits after the head (soft-capping, logit scales) use the full logits instead.
 - It runs through `accelerate.Accelerator`: CUDA when present (bf16 autocast there by default), CPU
   otherwise, and `accelerate launch` / `torchrun` shard the examples over processes (DDP; gloo on CPU).
   The token count is summed over processes, so N processes with batch_size b give the gradient of one
@@ -40,6 +43,7 @@ from nested_reft.config import (ConfigError, check_choice, check_finite_floats, 
                                 raise_if)
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
 from nested_reft.distributed import global_sum
+from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.models import load_model_and_tokenizer, save_pretrained
 from nested_reft.nested import enable_activation_checkpointing
 from nested_reft.objectives import token_logprobs
@@ -186,11 +190,20 @@ def update_skip_set(model, cfg: SFTConfig, update: int) -> tuple[int, ...]:
 
 
 def target_nll(model, batch: dict) -> torch.Tensor:
-    """Summed negative log-likelihood of a micro-batch's target tokens (labels != -100), float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]  # [B, L-1, V]
+    """Summed negative log-likelihood of a micro-batch's target tokens (labels != -100), float32. Scored
+    through the model's head chunk by chunk (`logprobs.scored_head`, no [B, L, V] logits) when the model
+    allows it, else from its full logits."""
     labels = batch["labels"][:, 1:]  # [B, L-1]: position t predicts token t+1
     mask = labels != -100
-    return -(token_logprobs(logits, labels.clamp(min=0)) * mask).sum()
+    safe = labels.clamp(min=0)  # -100 -> a valid id, masked out below
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if supports_scored_head(model):
+        with scored_head(model, safe) as scorer:
+            model(**inputs, logits_to_keep=labels.shape[1] + 1)
+            logp = scorer.result()  # [B, L-1]
+    else:
+        logp = token_logprobs(model(**inputs).logits[:, :-1], safe)  # [B, L-1] from [B, L-1, V] logits
+    return -(logp * mask).sum()
 
 
 def num_targets(batch: dict) -> int:

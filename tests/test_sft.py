@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nested_reft import cli, synthetic
 from nested_reft.data import DataError, encode_prompt, load_examples, sft_target
+from nested_reft.objectives import token_logprobs
 from nested_reft.sft import SFTConfig, build_example, collate, epoch_batches, run_sft, train_update
 
 
@@ -231,3 +232,40 @@ def test_gradient_accumulation_weighs_every_target_token_alike(toy):
     apart = grads([collate([short], tok.pad_token_id), collate([long], tok.pad_token_id)])
     together = grads([collate([short, long], tok.pad_token_id)])
     torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-6)  # before the fix: 0.37 relative
+
+
+@pytest.mark.parametrize("scored", [True, False])
+def test_target_nll_equals_full_logit_cross_entropy(toy, monkeypatch, scored):
+    """The chunked, head-fused NLL (and the full-logits fallback for models that cannot use it) gives the
+    loss and gradients of the old full-logits computation (summed cross-entropy, prompt and padding masked)."""
+    from nested_reft import sft as sft_module
+    from nested_reft.sft import target_nll
+
+    model = AutoModelForCausalLM.from_pretrained(toy / "model")
+    tok = AutoTokenizer.from_pretrained(toy / "model")
+    prompt = encode_prompt(tok, "Ava has 3 apples. How many apples does Ava have now?")
+    batch = collate([build_example(tok, prompt, "5", 128), build_example(tok, prompt, "3 + 2 = 5. So 5.", 128)],
+                    tok.pad_token_id)
+    if not scored:
+        monkeypatch.setattr(sft_module, "supports_scored_head", lambda model: False)
+    assert sft_module.supports_scored_head(model) is scored
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def old():  # the computation before chunked scoring: full logits [B, L-1, V], then token_logprobs
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return -(token_logprobs(logits, labels.clamp(min=0)) * (labels != -100)).sum()
+
+    want, want_grads = loss_and_grads(old)
+    got, got_grads = loss_and_grads(lambda: target_nll(model, batch))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(want, torch.nn.functional.cross_entropy(  # and that is summed cross-entropy
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits[:, :-1].transpose(1, 2),
+        batch["labels"][:, 1:], ignore_index=-100, reduction="sum").detach())
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
