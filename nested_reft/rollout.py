@@ -41,7 +41,9 @@ from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
+from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers
 from nested_reft.objectives import token_logprobs
 
@@ -154,39 +156,99 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer whose keys and values live in [N, H, capacity, D] buffers allocated at
+    the first update; each update writes the new positions in place and returns views of the filled part.
+    The values are DynamicLayer's, without re-concatenating the whole cache at every token."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        n, h = key_states.shape[:2]
+        self.key_buffer = key_states.new_empty((n, h, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((n, h, self.capacity, value_states.shape[-1]))
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self.key_buffer[:, :, start:end].copy_(key_states)
+        self.value_buffer[:, :, start:end].copy_(value_states)
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (finished rows leave the batch)."""
+        if self.is_initialized:
+            length = self.keys.shape[-2]
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+
+#: Finished rows (EOS emitted) are dropped from the decode batch once they are this fraction of it: each drop
+#: copies the KV cache of the rows that stay, so it is batched rather than done for every finished row.
+COMPACT_FRACTION = 0.25
+
+
+def decode_cache(model, capacity: int) -> DynamicCache:
+    """The model's DynamicCache (built from its config, so a nested model gets its own K layers and sliding
+    layers keep their windowed layers) with every plain full-attention layer preallocated for `capacity`
+    positions (prompt + completion)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
     """The KV-cached loop. ids/mask [N, P], uniforms [N, L] (None when greedy); returns completion ids,
-    mask and sampled log-probs [N, L]. `all_done(local_done: bool) -> bool`: see the module doc."""
+    mask and sampled log-probs [N, L]. `all_done(local_done: bool) -> bool`: see the module doc.
+    Rows that have emitted EOS leave the batch once they are a quarter of it (see `COMPACT_FRACTION`)."""
     n, p = ids.shape
-    full_mask = torch.cat([mask, mask.new_ones(n, cfg.max_new_tokens)], dim=1)  # [N, P+L]
+    length = cfg.max_new_tokens
+    full_mask = torch.cat([mask, mask.new_ones(n, length)], dim=1)  # [N, P+L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
-    cache = {cache_kwarg(model): DynamicCache(config=model.config)}
+    cache = decode_cache(model, p + length)
+    kwarg = cache_kwarg(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **cache)
-    tokens = ids.new_full((n, cfg.max_new_tokens), pad_id)
-    logps = torch.zeros((n, cfg.max_new_tokens), dtype=torch.float32, device=ids.device)
-    done = torch.zeros(n, dtype=torch.bool, device=ids.device)
-    next_pos = positions[:, -1:] + 1  # [N, 1]
+                **{kwarg: cache})
+    tokens = ids.new_full((n, length), pad_id)  # [N, L]
+    logps = torch.zeros((n, length), dtype=torch.float32, device=ids.device)  # [N, L]
+    rows = torch.arange(n, device=ids.device)  # [m]: the rows still in the batch
+    done = torch.zeros(n, dtype=torch.bool, device=ids.device)  # [m]
+    next_pos = positions[:, -1:] + 1  # [m, 1]
     end = None  # length at which all of this process's rows were done
-    for t in range(cfg.max_new_tokens):
-        logits = out.logits[:, -1]  # [N, V]
+    for t in range(length):
+        logits = out.logits[:, -1]  # [m, V]
         if t < cfg.min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
         logp = process_logits(logits, cfg)
-        tok = sample_token(logp, cfg.temperature == 0, None if uniforms is None else uniforms[:, t])  # [N]
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens[:, t] = tok
-        logps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        tok = sample_token(logp, cfg.temperature == 0, None if uniforms is None else uniforms[rows, t])  # [m]
+        tok = tok.masked_fill(done, pad_id)
+        tokens[rows, t] = tok
+        logps[rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
         done = done | torch.isin(tok, eos)
-        if end is None and bool(done.all()):
+        finished_rows = int(done.sum())
+        if end is None and finished_rows == rows.numel() and bool(done.all()):
             end = t + 1
         finished = end is not None if all_done is None else all_done(end is not None)  # collective under FSDP
-        if t + 1 == cfg.max_new_tokens or finished:
-            tokens, logps = tokens[:, : end or t + 1], logps[:, : end or t + 1]
+        if t + 1 == length or finished:
             break
+        if COMPACT_FRACTION * rows.numel() <= finished_rows < rows.numel():  # a pad-only row costs a full one
+            keep = (~done).nonzero().squeeze(1)  # [m']
+            rows, tok, done, next_pos, full_mask = rows[keep], tok[keep], done[keep], next_pos[keep], full_mask[keep]
+            cache.batch_select_indices(keep)
         out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
-                    use_cache=True, **cache)
+                    use_cache=True, **{kwarg: cache})
         next_pos = next_pos + 1
+    tokens, logps = tokens[:, : end or t + 1], logps[:, : end or t + 1]
     return tokens, completion_mask(tokens, eos), logps
 
 
@@ -263,20 +325,28 @@ def sequence_logprobs(
     """Teacher-forced log pi(y_l | s_l) of the completion tokens, [N, L] float32, with the same
     temperature scaling as sampling (T = 0, greedy, scores with T = 1) and, given `eos_token_id`, the
     same EOS suppression before `min_new_tokens`. Runs with grad if grad is enabled (the trainer's
-    policy pass). `entropy=True` also returns the entropy [N, L] of each scored distribution."""
+    policy pass). `entropy=True` also returns the entropy [N, L] of each scored distribution.
+    Where the model allows it (logprobs.supports_scored_head) the head and the log-softmax run fused,
+    chunk by chunk, inside the model's own forward: no [N, L, V] logits, in the forward or the backward."""
     banned = eos_tensor(eos_token_id, prompt_ids.device) if min_new_tokens > 0 else None
     ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+L]
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     length = completion_ids.size(1)
     step = batch_size or ids.size(0)
+    scored = supports_scored_head(model)
     chunks = []
     for i in range(0, ids.size(0), step):
-        logits = model(input_ids=ids[i:i + step], attention_mask=mask[i:i + step],
-                       position_ids=positions[i:i + step], use_cache=False,
-                       logits_to_keep=length + 1).logits[:, :-1]  # [n, L, V]: position t predicts t+1
-        chunks.append(token_logprobs(logits, completion_ids[i:i + step], temperature or 1.0, banned, min_new_tokens,
-                                     entropy=entropy))
+        labels = completion_ids[i:i + step]  # [n, L]
+        kwargs = dict(input_ids=ids[i:i + step], attention_mask=mask[i:i + step], position_ids=positions[i:i + step],
+                      use_cache=False, logits_to_keep=length + 1)
+        if scored:
+            with scored_head(model, labels, temperature or 1.0, banned, min_new_tokens, entropy=entropy) as scorer:
+                model(**kwargs)
+            chunks.append(scorer.result())
+        else:
+            logits = model(**kwargs).logits[:, :-1]  # [n, L, V]: position t predicts t+1
+            chunks.append(token_logprobs(logits, labels, temperature or 1.0, banned, min_new_tokens, entropy=entropy))
     if not entropy:
         return torch.cat(chunks, dim=0)
     return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])

@@ -292,13 +292,56 @@ def eos_ids(run: Run) -> list[int]:
     return model_eos_ids(run.accelerator.unwrap_model(run.model), run.tokenizer)
 
 
-def full_logprobs(run: Run, model, rollout: Rollout, rows: slice = slice(None), batch_size=None, entropy=False):
-    """Teacher-forced full-depth log-probs [rows, L] of the rollout's completions under `model`, scored
+class MicroBatch(NamedTuple):
+    """Rows of a rollout scored together, trimmed to their own longest prompt and completion."""
+    index: torch.Tensor  # [n] the rows of the rollout
+    prompt_ids: torch.Tensor  # [n, P'] left-padded
+    prompt_mask: torch.Tensor  # [n, P']
+    completion_ids: torch.Tensor  # [n, L']
+    completion_mask: torch.Tensor  # [n, L']
+
+
+def micro_batches(rollout: Rollout, size: int, pack: bool = True) -> list[MicroBatch]:
+    """The rollout's rows in micro-batches, grouped by completion length (longest first, a stable sort) and
+    each trimmed to its own longest prompt and completion: a padding position costs a forward and backward
+    like a real token. With `pack`, a micro-batch takes rows while its trimmed size stays within `size`
+    untrimmed rows' tokens (the memory a fixed `size`-row micro-batch needs), so short rows share fewer,
+    larger passes; without it (FSDP, where every process must run the same number of passes) each has
+    `size` rows. Which rows share a micro-batch does not change the update: every loss and metric is a
+    sum over rows (loss_scale, Means)."""
+    lengths = rollout.completion_mask.sum(1).tolist()  # [N]
+    prompt_lengths = rollout.prompt_mask.sum(1).tolist()  # [N]
+    order = torch.sort(torch.tensor(lengths), descending=True, stable=True).indices.tolist()
+    budget = size * (rollout.prompt_ids.size(1) + rollout.completion_ids.size(1))  # tokens of an untrimmed batch
+    groups, group, width = [], [], (0, 0)
+    for row in order:
+        wider = (max(width[0], prompt_lengths[row], 1), max(width[1], lengths[row], 1))
+        full = len(group) == size if not pack else (len(group) + 1) * sum(wider) > budget
+        if group and full:
+            groups.append((group, width))
+            group, wider = [], (max(prompt_lengths[row], 1), max(lengths[row], 1))
+        group, width = group + [row], wider
+    groups.append((group, width))
+    device = rollout.completion_ids.device
+    return [MicroBatch(idx, rollout.prompt_ids[idx, -prompt:], rollout.prompt_mask[idx, -prompt:],
+                       rollout.completion_ids[idx, :length], rollout.completion_mask[idx, :length])
+            for idx, (prompt, length) in ((torch.tensor(g, device=device), w) for g, w in groups)]
+
+
+def full_logprobs(run: Run, model, mb: MicroBatch, entropy=False):
+    """Teacher-forced full-depth log-probs [n, L'] of a micro-batch's completions under `model`, scored
     on the distribution the sampler used (temperature, EOS suppressed before min_new_tokens); with
     `entropy=True`, (log-probs, entropies)."""
-    return sequence_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                             rollout.completion_mask[rows], run.cfg.temperature, batch_size, eos_ids(run),
-                             run.cfg.min_new_tokens, entropy=entropy)
+    return sequence_logprobs(model, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                             run.cfg.temperature, None, eos_ids(run), run.cfg.min_new_tokens, entropy=entropy)
+
+
+def batch_logprobs(run: Run, model, rollout: Rollout, size: int) -> torch.Tensor:
+    """full_logprobs of the whole rollout [B*G, L] (0 on padding), in micro-batches of `size` rows' tokens."""
+    out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    for mb in micro_batches(rollout, size, pack=not run.fsdp):
+        out[mb.index, : mb.completion_ids.size(1)] = full_logprobs(run, model, mb).float()
+    return out
 
 
 def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
@@ -326,24 +369,28 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp, meter=None) -
     world = acc.num_processes
     total_tokens = global_sum(acc, rollout.completion_mask.sum())
     total_rows = global_sum(acc, rollout.completion_ids.size(0))
-    losses, applied_all, norm, means, targets = [], True, 0.0, Means(), []
+    losses, applied_all, norm, means = [], True, 0.0, Means()
+    batches = micro_batches(rollout, rows, pack=not run.fsdp)
+    targets = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
     for it in range(cfg.num_iterations):
-        starts = list(range(0, rollout.completion_ids.size(0), rows))
-        for k, i in enumerate(starts):
-            sl = slice(i, i + rows)
-            mask = rollout.completion_mask[sl]
-            if meter is not None:  # hidden states are [rows, P+L]: count the completion positions, first pass only
-                meter.set_mask(torch.cat([torch.zeros_like(rollout.prompt_mask[sl]), mask * (it == 0)], dim=1))
-            sync = run.fsdp or k == len(starts) - 1  # FSDP: reduce-scatter every micro-batch
+        for k, mb in enumerate(batches):
+            idx, mask = mb.index, mb.completion_mask  # [n], [n, L']
+            cols = slice(0, mask.size(1))
+
+            def rows_of(t):  # [B*G, L] -> this micro-batch's [n, L']
+                return None if t is None else t[idx, cols]
+
+            if meter is not None:  # hidden states are [n, P'+L']: count the completion positions, first pass only
+                meter.set_mask(torch.cat([torch.zeros_like(mb.prompt_mask), mask * (it == 0)], dim=1))
+            sync = run.fsdp or k == len(batches) - 1  # FSDP: reduce-scatter every micro-batch
             with (nullcontext() if sync else acc.no_sync(run.model)), acc.autocast():
-                lp, entropy = full_logprobs(run, run.model, rollout, sl, entropy=True)  # [rows, L], with grad
-                target = lp.detach() if old_lp is None else old_lp[sl]
-                h, _ = importance_weights(target, rollout.behavior_logprobs[sl], mask, cfg.mitigation, cfg.lam,
+                lp, entropy = full_logprobs(run, run.model, mb, entropy=True)  # [n, L'], with grad
+                target = lp.detach() if old_lp is None else rows_of(old_lp)
+                h, _ = importance_weights(target, rows_of(rollout.behavior_logprobs), mask, cfg.mitigation, cfg.lam,
                                           cfg.is_level, cap=cfg.is_cap,
                                           cap_low=cfg.is_cap_low)  # row-local: the same as on the whole batch
-                loss, extra = policy_loss(lp, None if old_lp is None else old_lp[sl], advantages[sl], h, mask,
-                                          cfg.loss_type, cfg.max_new_tokens, cfg.epsilon, None,
-                                          None if ref_lp is None else ref_lp[sl], cfg.beta)
+                loss, extra = policy_loss(lp, rows_of(old_lp), advantages[idx], h, mask, cfg.loss_type,
+                                          cfg.max_new_tokens, cfg.epsilon, None, rows_of(ref_lp), cfg.beta)
                 scaled = loss * loss_scale(cfg.loss_type, mask, total_tokens, total_rows)
                 acc.backward(scaled * world)  # DDP/FSDP average over processes; undo it to get the global sum
             losses.append(scaled.detach())
@@ -351,11 +398,11 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp, meter=None) -
             means.add_all(extra, tokens, ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"))
             means.add("entropy", float((entropy * mask).sum()) / max(tokens, 1.0), tokens)
             if it == 0:
-                targets.append(target)
+                targets[idx, cols] = target.float()
         norm, applied = finish_update(run)
         applied_all = applied_all and applied
     loss = global_sum(acc, torch.stack(losses).sum()) / cfg.num_iterations
-    return Update(loss, norm, applied_all, means, torch.cat(targets))
+    return Update(loss, norm, applied_all, means, targets)
 
 
 def finish_update(run: Run) -> tuple[float, bool]:
@@ -388,9 +435,9 @@ def rl_step(run: Run, step: int) -> dict:
     t1 = time.perf_counter()
     micro_rows = cfg.micro_batch_size * cfg.num_generations
     with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
-        old_lp = None if cfg.num_iterations == 1 else full_logprobs(run, acc.unwrap_model(run.model), rollout,
-                                                                    batch_size=micro_rows)
-        ref_lp = None if run.ref_model is None else full_logprobs(run, run.ref_model, rollout, batch_size=micro_rows)
+        old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout,
+                                                                     micro_rows)
+        ref_lp = None if run.ref_model is None else batch_logprobs(run, run.ref_model, rollout, micro_rows)
     run.model.train()
     measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
     with measuring(acc.unwrap_model(run.model), measure) as meter:

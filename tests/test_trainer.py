@@ -62,7 +62,7 @@ def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, a
     rollout = trainer.do_rollouts(run, prompts, (), 0)
     rewards = trainer.score(run, prompts, rollout)
     with torch.no_grad():
-        old = trainer.full_logprobs(run, run.model, rollout, batch_size=8)
+        old = trainer.batch_logprobs(run, run.model, rollout, 8)
     h, hm = trainer.importance_weights(old, rollout.behavior_logprobs, rollout.completion_mask, "base")
     mask = rollout.completion_mask
     assert torch.allclose(h[mask.bool()], torch.ones(int(mask.sum())), atol=1e-4)
@@ -604,3 +604,40 @@ def test_tensorboard_gets_every_numeric_metric(toy_dir, tmp_path, alternating_re
     first = read_metrics(out)[0]
     assert events.Scalars("rollout_corr/k3_kl")[0].value == pytest.approx(first["rollout_corr/k3_kl"], rel=1e-6)
     assert [e.step for e in events.Scalars("reward")] == [1, 2]
+
+
+def test_micro_batches_group_rows_by_length_and_trim_the_padding():
+    from nested_reft.rollout import Rollout
+
+    lengths = [3, 1, 4, 2, 4, 1]
+    prompt_lengths = [2, 3, 1, 2, 1, 1]
+    n, p, length = len(lengths), 3, 5
+    cmask = torch.tensor([[1] * k + [0] * (length - k) for k in lengths])
+    pmask = torch.tensor([[0] * (p - k) + [1] * k for k in prompt_lengths])
+    ids = torch.arange(n * length).view(n, length)
+    rollout = Rollout(torch.arange(n * p).view(n, p) * pmask, pmask, ids, cmask, torch.zeros(n, length), (), 0, 0, 0.0)
+    batches = trainer.micro_batches(rollout, 4, pack=False)
+    assert [mb.index.tolist() for mb in batches] == [[2, 4, 0, 3], [1, 5]]  # longest first, stable
+    first, second = batches
+    assert first.completion_ids.shape == (4, 4) and second.completion_ids.shape == (2, 1)
+    assert first.prompt_ids.shape == (4, 2) and second.prompt_ids.shape == (2, 3)
+    for mb in batches:  # every real token is kept, in place
+        assert torch.equal(mb.completion_ids, ids[mb.index, : mb.completion_ids.size(1)])
+        assert int(mb.completion_mask.sum()) == sum(lengths[i] for i in mb.index.tolist())
+        assert int(mb.prompt_mask.sum()) == sum(prompt_lengths[i] for i in mb.index.tolist())
+
+
+def test_packed_micro_batches_stay_within_the_token_budget():
+    from nested_reft.rollout import Rollout
+
+    torch.manual_seed(0)
+    n, p, length = 64, 6, 40
+    lengths = torch.randint(1, length + 1, (n,))
+    cmask = (torch.arange(length)[None] < lengths[:, None]).long()
+    pmask = torch.ones(n, p, dtype=torch.long)
+    rollout = Rollout(torch.ones(n, p, dtype=torch.long), pmask, torch.ones(n, length, dtype=torch.long), cmask,
+                      torch.zeros(n, length), (), 0, 0, 0.0)
+    packed, fixed = trainer.micro_batches(rollout, 8), trainer.micro_batches(rollout, 8, pack=False)
+    assert sorted(torch.cat([mb.index for mb in packed]).tolist()) == list(range(n))
+    assert all(mb.completion_ids.numel() + mb.prompt_ids.numel() <= 8 * (p + length) for mb in packed)
+    assert len(packed) < len(fixed) == 8
