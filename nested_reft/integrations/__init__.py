@@ -1,0 +1,1 @@
+"""Nested-ReFT inside other training libraries (`nested_reft.integrations.trl`: TRL's GRPOTrainer)."""
