@@ -2,8 +2,12 @@
 
 Choices:
 - One lean decode loop over the model's own forward (no `generate()` machinery): left-padded prompts,
-  explicit position ids from the attention mask, a DynamicCache built for the model as it runs (so a
-  nested model gets a cache with its own K layers), the LM head applied to the last position only.
+  explicit position ids from the attention mask, a preallocated KV cache built for the model as it runs
+  (kv_cache.py: a nested model gets a cache of its own K layers; nothing is re-concatenated per token),
+  the LM head applied to the last position only. Rows that have emitted EOS leave the batch once they
+  are a quarter of it (their cache rows are dropped in one copy), so a finished row stops costing a
+  full row's forward; a row's tokens do not depend on which other rows are still decoding (up to the
+  float rounding of a different batch size in the matrix products: log-probs within 1e-6, docs/rollout.md).
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
   cloned into ordinary tensors so the trainer can use them in autograd. An FSDP2-sharded model decodes
   under no_grad instead: FSDP2 all-gathers parameters into buffers it reuses, and buffers created under
@@ -17,7 +21,9 @@ Choices:
   sample the same tokens (up to floating-point differences in the logits); its generators are CPU ones,
   so the uniforms are also the same on CPU and GPU.
   (torch.multinomial draws for all rows from one generator, so a row's sample would depend on its batch.)
-  It costs one cumsum + searchsorted over the vocabulary per step instead of torch.multinomial.
+  It costs one cumsum + searchsorted over the vocabulary per step instead of torch.multinomial; plain
+  sampling (top_p = 1, top_k = 0) takes the cumsum of one softmax, with no sort and no log-softmax over
+  the vocabulary (the log-prob of the drawn token is the log of its probability).
 - The behaviour log-prob recorded for each generated token is the log-probability under exactly that
   processed distribution (temperature-scaled, truncated, renormalised), i.e. the distribution the token
   was actually drawn from. With top_p = 1 and top_k = 0 (the training default)
@@ -40,9 +46,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from nested_reft.kv_cache import decode_cache
 from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers
 from nested_reft.objectives import token_logprobs
@@ -117,14 +122,34 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The first token [N] whose cumulative probability (of probs [N, V]) exceeds the row's uniform [N] in
+    [0, 1) times the total mass the cumsum reached; tokens of probability 0 are never drawn."""
+    cdf = probs.cumsum(-1)  # [N, V]
+    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]  # [N, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+
+
 def sample_token(logp: torch.Tensor, greedy: bool, uniform: torch.Tensor | None) -> torch.Tensor:
     """One token per row from log-probs [N, V]: argmax when greedy, else the inverse CDF at the row's
-    uniform [N] in [0, 1) (tokens of probability 0 are never drawn); returns [N]."""
+    uniform [N] in [0, 1); returns [N]."""
     if greedy:
         return logp.argmax(-1)
-    cdf = logp.exp().cumsum(-1)  # [N, V]
-    target = (uniform.to(cdf.dtype) * cdf[:, -1])[:, None]  # [N, 1], scaled by the mass cumsum reached
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logp.size(-1) - 1)
+    return inverse_cdf(logp.exp(), uniform)
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor | None):
+    """One token per row from logits [N, V] and its log-prob under the distribution sampled from: (tokens
+    [N], log-probs [N] float32). Plain sampling (T > 0, top_p = 1, top_k = 0, the training default) takes
+    one softmax and its cumsum (no sort, no log-softmax over the vocabulary); the rest goes through
+    process_logits. The two agree to float32 rounding (tests/test_rollout.py)."""
+    if cfg.temperature > 0 and cfg.top_p >= 1.0 and cfg.top_k == 0:
+        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)  # [N, V]
+        tok = inverse_cdf(probs, uniform)
+        return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
+    logp = process_logits(logits, cfg)  # [N, V]
+    tok = sample_token(logp, cfg.temperature == 0, uniform)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 def sampling_uniforms(generator, num_prompts: int, num_generations: int, length: int, device) -> torch.Tensor:
@@ -156,55 +181,9 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention KV-cache layer whose keys and values live in [N, H, capacity, D] buffers allocated at
-    the first update; each update writes the new positions in place and returns views of the filled part.
-    The values are DynamicLayer's, without re-concatenating the whole cache at every token."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        n, h = key_states.shape[:2]
-        self.key_buffer = key_states.new_empty((n, h, self.capacity, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((n, h, self.capacity, value_states.shape[-1]))
-        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start = self.keys.shape[-2]
-        end = start + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
-        self.key_buffer[:, :, start:end].copy_(key_states)
-        self.value_buffer[:, :, start:end].copy_(value_states)
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (finished rows leave the batch)."""
-        if self.is_initialized:
-            length = self.keys.shape[-2]
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
-
-
 #: Finished rows (EOS emitted) are dropped from the decode batch once they are this fraction of it: each drop
 #: copies the KV cache of the rows that stay, so it is batched rather than done for every finished row.
 COMPACT_FRACTION = 0.25
-
-
-def decode_cache(model, capacity: int) -> DynamicCache:
-    """The model's DynamicCache (built from its config, so a nested model gets its own K layers and sliding
-    layers keep their windowed layers) with every plain full-attention layer preallocated for `capacity`
-    positions (prompt + completion)."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    return cache
 
 
 def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
@@ -229,11 +208,10 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
         logits = out.logits[:, -1]  # [m, V]
         if t < cfg.min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
-        logp = process_logits(logits, cfg)
-        tok = sample_token(logp, cfg.temperature == 0, None if uniforms is None else uniforms[rows, t])  # [m]
+        tok, logp = sample(logits, cfg, None if uniforms is None else uniforms[rows, t])  # [m], [m]
         tok = tok.masked_fill(done, pad_id)
         tokens[rows, t] = tok
-        logps[rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        logps[rows, t] = logp.masked_fill(done, 0.0)
         done = done | torch.isin(tok, eos)
         finished_rows = int(done.sum())
         if end is None and finished_rows == rows.numel() and bool(done.all()):

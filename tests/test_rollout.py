@@ -211,3 +211,19 @@ def test_recomputed_logprobs_hold_no_autograd_graph(qwen):
     with torch.enable_grad():
         r = generate(qwen, PROMPTS, 2, cfg, EOS, PAD, skip=(1,), generator=torch.Generator().manual_seed(0))
     assert not r.behavior_logprobs.requires_grad and r.behavior_logprobs.grad_fn is None
+
+
+def test_plain_sampling_matches_the_general_path():
+    """sample()'s plain path (softmax + cumsum) and the general one (log-softmax, exp, cumsum) draw the
+    same tokens from the same uniforms and agree on the log-probs to float32 rounding."""
+    from nested_reft.rollout import sample
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 1000, generator=gen) * 4
+    u = torch.rand(256, generator=gen)
+    for temperature in (1.0, 0.7):
+        cfg = SamplingConfig(temperature=temperature)
+        tok, logp = sample(logits, cfg, u)
+        ref = process_logits(logits, cfg)
+        assert torch.equal(tok, sample_token(ref, False, u))
+        torch.testing.assert_close(logp, ref.gather(-1, tok[:, None]).squeeze(-1), rtol=0, atol=2e-6)

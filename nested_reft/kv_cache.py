@@ -1,0 +1,61 @@
+"""The decode loop's KV cache: preallocated, written in place, never re-concatenated.
+
+Choices:
+- `decode_cache(model, capacity)` is the model's own DynamicCache (built from its config: a nested model
+  gets its K layers, sliding-window layers keep their windowed layers) whose plain full-attention layers
+  are `PreallocatedLayer`s: [N, H, capacity, D] buffers allocated at the first update, written in place,
+  read as views of the filled part. DynamicLayer concatenates the whole cache at every token (most of the
+  decode loop's time on CPU at small widths); the values seen by attention are the same.
+  `batch_select_indices` drops finished rows (the loop's compaction) by copying the buffers once.
+"""
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer whose keys and values live in [N, H, capacity, D] buffers allocated at
+    the first update; each update writes the new positions in place and returns views of the filled part.
+    The values are DynamicLayer's, without re-concatenating the whole cache at every token."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        n, h = key_states.shape[:2]
+        self.key_buffer = key_states.new_empty((n, h, self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((n, h, self.capacity, value_states.shape[-1]))
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self.key_buffer[:, :, start:end].copy_(key_states)
+        self.value_buffer[:, :, start:end].copy_(value_states)
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (finished rows leave the batch)."""
+        if self.is_initialized:
+            length = self.keys.shape[-2]
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+
+def decode_cache(model, capacity: int) -> DynamicCache:
+    """The model's DynamicCache (built from its config, so a nested model gets its own K layers and sliding
+    layers keep their windowed layers) with every plain full-attention layer preallocated for `capacity`
+    positions (prompt + completion)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
