@@ -1,4 +1,5 @@
-"""Rollout throughput of the full model against nested models: measured vs ideal speedup.
+"""Speed of the full model against nested models: rollouts alone (`run_bench`, `--mode rollout`) or whole
+RL steps (`run_step_bench`, `--mode step`), measured against the ideal speedup.
 
 Choices:
 - Fixed-length rollouts (min_new_tokens = max_new_tokens, EOS suppressed), as in the paper, so tokens/s
@@ -11,6 +12,13 @@ Choices:
   efficiency = measured / ideal.
 - `compare_generate` also times HF `model.generate()` (the path TRL uses without vLLM) on the full model
   with the same sampling settings, interleaved with the engine, and reports the engine/generate ratio.
+- Whole steps (`--mode step`) run `nested-reft train`'s own step (trainer.setup + trainer.rl_step: rollout,
+  reward, update) for the full model (x = 0) and each ratio, one training run per variant on its own copy
+  of the model, alternated round by round; a preset gets the toy task's tokenizer and prompts of random
+  digits, saved with the model to a temporary directory. Only the rollout gets faster, so the
+  ideal step speedup for the rollout share f (median rollout_s / step_s of the full model) is Amdahl's
+  1 / ((1 - f) + f (N - U) / N); efficiency = measured / ideal. The gain (measured speedup - 1, in %) is
+  fitted by least squares against x over the ratios and the baseline's (0, 0), with R^2.
 """
 
 import statistics
@@ -53,6 +61,8 @@ class BenchConfig:
     device: str = "auto"  # auto, cpu, cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     compare_generate: bool = False  # also time HF model.generate() on the full model
+    mode: str = "rollout"  # rollout: the decode loop alone; step: whole RL steps (rollout, reward, update)
+    micro_batch_size: int = 4  # step mode: prompts per forward/backward pass of the update
 
     def validate(self) -> None:
         if self.model is None and self.preset not in PRESETS:
@@ -66,6 +76,14 @@ class BenchConfig:
             raise ValueError("ratios must name at least one skip ratio")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}; choose auto, float32, bfloat16 or float16")
+        if self.mode not in ("rollout", "step"):
+            raise ValueError(f"mode={self.mode!r}; choose rollout or step")
+        if self.mode == "step":
+            if self.compare_generate:
+                raise ValueError("--compare-generate is a rollout-mode comparison; drop it with --mode step")
+            if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
+                raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size="
+                                 f"{self.micro_batch_size} >= 1")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,6 +217,120 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"\nengine vs HF generate() on the full model: {r['engine_vs_generate']:.3f}x "
                      f"({r['full_tokens_per_s']:.1f} vs {r['generate_tokens_per_s']:.1f} tok/s)")
     lines.append(f"\ndevice: {results[0]['device']}")
+    return "\n".join(lines)
+
+
+# ---- whole RL steps ---------------------------------------------------------------------------
+
+
+def step_bench_files(cfg: BenchConfig, root) -> tuple[str, str]:
+    """(model directory, prompts JSONL) for the step bench: the given model, or the preset saved with the toy
+    task's byte-level tokenizer (ids beyond it decode to nothing); `batch_size` prompts of about
+    `prompt_len` tokens of random digits."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    if cfg.model is None:
+        from nested_reft.synthetic import build_tokenizer
+
+        model, _ = load_bench_model(cfg)
+        tokenizer = build_tokenizer([" ".join("0123456789")] * 10, vocab_size=300)
+        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        model.save_pretrained(root / "model")
+        tokenizer.save_pretrained(root / "model")
+        model_dir = str(root / "model")
+    else:
+        model_dir = cfg.model
+    g = torch.Generator().manual_seed(cfg.seed)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(cfg.batch_size):
+            words = " ".join(str(int(d)) for d in torch.randint(0, 10, (max(1, cfg.prompt_len // 2),), generator=g))
+            f.write(json.dumps({"id": str(i), "problem": words, "answer": "0", "solution": None, "meta": {}}) + "\n")
+    return model_dir, str(root / "prompts.jsonl")
+
+
+def _step_config(cfg: BenchConfig, model_dir: str, prompts: str, ratio: float, out: str):
+    from nested_reft.config import TrainConfig
+
+    return TrainConfig(model=model_dir, dataset=prompts, template="plain", output_dir=out, seed=cfg.seed,
+                       batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+                       rollout_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+                       max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, skip_ratio=ratio,
+                       border=cfg.border if ratio > 0 else 0, steps=cfg.warmup + cfg.repeats, lr=1e-6,
+                       device=cfg.device, bf16="true" if resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+                       == torch.bfloat16 else "false", progress=False)
+
+
+def run_step_bench(cfg: BenchConfig, progress=None) -> dict:
+    """Whole RL steps of the full model and of each ratio (see the module doc); returns {"rows": one dict per
+    ratio, "fit": the gain against x}."""
+    import tempfile
+
+    from nested_reft import trainer
+
+    cfg.validate()
+    with tempfile.TemporaryDirectory(prefix="nested-reft-bench-") as root:
+        model_dir, prompts = step_bench_files(cfg, root)
+        variants = [0.0, *cfg.ratios]
+        runs = {x: trainer.setup(_step_config(cfg, model_dir, prompts, x, f"{root}/run-{x}")) for x in variants}
+        times = {x: [] for x in variants}
+        for rnd in range(cfg.warmup + cfg.repeats):
+            shift = rnd % len(variants)
+            for x in variants[shift:] + variants[:shift]:
+                m = trainer.rl_step(runs[x], rnd)
+                if rnd >= cfg.warmup:
+                    times[x].append(m)
+            if progress:
+                progress(rnd + 1, cfg.warmup + cfg.repeats)
+        n, device = runs[0.0].num_layers, device_name(runs[0.0].accelerator.device)
+    return summarise_steps(times, cfg.ratios, n, device)
+
+
+def summarise_steps(times: dict, ratios: list[float], n: int, device: str) -> dict:
+    """Medians of each variant's step, rollout and update seconds; speedup against the share-adjusted ideal;
+    the least-squares fit of the gain (%) against x."""
+    from nested_reft.report import linear_fit
+
+    def med(x, key):
+        return statistics.median(m[key] for m in times[x])
+
+    full_step, full_rollout = med(0.0, "step_s"), med(0.0, "rollout_s")
+    share = statistics.median(m["rollout_s"] / m["step_s"] for m in times[0.0])
+    rows = []
+    for x in ratios:
+        u = num_skipped(n, x)
+        ideal = 1.0 / ((1.0 - share) + share * (n - u) / n)
+        measured = full_step / med(x, "step_s")
+        rows.append(dict(ratio=x, num_layers=n, skipped=u, rollout_share=share, full_step_s=full_step,
+                         nested_step_s=med(x, "step_s"), full_rollout_s=full_rollout, nested_rollout_s=med(x, "rollout_s"),
+                         full_update_s=med(0.0, "update_s"), nested_update_s=med(x, "update_s"),
+                         rollout_speedup=full_rollout / med(x, "rollout_s"), rollout_ideal=n / (n - u),
+                         ideal_speedup=ideal, measured_speedup=measured, efficiency=measured / ideal,
+                         gain_pct=100.0 * (measured - 1.0), device=device))
+    fit = None
+    if len({r["ratio"] for r in rows}) >= 1:
+        slope, intercept, r2 = linear_fit([0.0] + [r["ratio"] for r in rows], [0.0] + [r["gain_pct"] for r in rows])
+        fit = dict(slope_pct_per_x=slope, intercept_pct=intercept, r2=r2, points=len(rows) + 1)
+    return {"rows": rows, "fit": fit}
+
+
+def format_step_table(result: dict) -> str:
+    rows, fit = result["rows"], result["fit"]
+    lines = ["| ratio | skipped/N | rollout share f | full step s | nested step s | ideal | measured | efficiency "
+             "| rollout speedup (ideal) |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['ratio']:.2f} | {r['skipped']}/{r['num_layers']} | {r['rollout_share']:.3f} | "
+                     f"{r['full_step_s']:.3f} | {r['nested_step_s']:.3f} | {r['ideal_speedup']:.3f} | "
+                     f"{r['measured_speedup']:.3f} | {r['efficiency']:.3f} | {r['rollout_speedup']:.3f} "
+                     f"({r['rollout_ideal']:.3f}) |")
+    if fit:
+        r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
+        lines.append(f"\nstep-time gain against x (least squares over {fit['points']} points, the baseline's (0, 0) "
+                     f"included): {fit['slope_pct_per_x'] / 10:+.2f}% per +0.10 of x, intercept "
+                     f"{fit['intercept_pct']:+.2f}%, R^2 = {r2}")
+    lines.append(f"\ndevice: {rows[0]['device']}")
     return "\n".join(lines)
 
 

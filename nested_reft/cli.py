@@ -35,7 +35,11 @@ def _print_json(obj) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="rollout throughput: full vs nested models (measured vs ideal speedup)")
+    p = sub.add_parser("bench", help="speed of full vs nested models: rollouts or whole RL steps (measured vs ideal)")
+    p.add_argument("--mode", choices=("rollout", "step"), default="rollout",
+                   help="rollout: the decode loop alone; step: whole RL steps of `train` (rollout, reward, update) "
+                        "with the rollout share and the share-adjusted ideal (default: rollout)")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="step mode: prompts per update pass (default 4)")
     p.add_argument("--model", help="model directory or hub id (default: a random-weight --preset)")
     p.add_argument("--preset", default="tiny-28", help="tiny-28 (CPU), qwen2.5-1.5b, qwen2.5-7b (default: tiny-28)")
     p.add_argument("--hidden-size", type=int, help="override the preset's width (e.g. a narrow 1.5B on CPU)")
@@ -66,12 +70,23 @@ def _run_bench(args) -> int:
                       border=args.border, batch_size=args.batch_size, num_generations=args.num_generations,
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                       warmup=args.warmup, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      device=args.device, dtype=args.dtype, compare_generate=args.compare_generate)
+                      device=args.device, dtype=args.dtype, compare_generate=args.compare_generate,
+                      mode=args.mode, micro_batch_size=args.micro_batch_size)
     try:
         cfg.validate()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     progress = None if args.json else (lambda i, n: print(f"round {i}/{n}", file=sys.stderr))
+    if args.mode == "step":
+        from nested_reft.bench import format_step_table, run_step_bench
+        from nested_reft.config import ConfigError
+
+        try:
+            result = run_step_bench(cfg, progress)
+        except (ConfigError, ValueError, IndexError, TypeError) as exc:
+            raise UsageError(str(exc)) from exc
+        _print_json(result) if args.json else print(format_step_table(result))
+        return 0
     try:
         results = run_bench(cfg, progress)
     except (ValueError, IndexError, TypeError) as exc:

@@ -116,8 +116,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             del z
         ctx.save_for_backward(hidden, weight, bias, labels, lse, banned)
         ctx.config = (temperature, banned_until, chunk, hidden.device.type, _autocast_state(hidden.device.type))
-        ctx.mark_non_differentiable(ent)
-        return out.view(n, length), ent.view(n, length) if entropy else ent
+        ent = ent.view(n, length) if entropy else ent
+        ctx.mark_non_differentiable(ent)  # the tensor returned itself (a view made after marking would not be)
+        return out.view(n, length), ent
 
     @staticmethod
     def backward(ctx, grad_out, _grad_entropy):

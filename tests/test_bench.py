@@ -47,3 +47,42 @@ def test_profile_splits_the_rollout_time():
     parts = {k: v for k, v in shares.items() if k != "total_s"}
     assert set(parts) == {"embedding", "layers", "lm_head", "other (sampling, masks, cache, Python)"}
     assert sum(parts.values()) == pytest.approx(1.0) and parts["layers"] > parts["embedding"] > 0
+
+
+def test_summarise_steps_uses_the_share_adjusted_ideal_and_fits_the_gain():
+    from nested_reft.bench import summarise_steps
+
+    def steps(step, rollout):
+        return [{"step_s": step, "rollout_s": rollout, "update_s": step - rollout}] * 3
+
+    times = {0.0: steps(10.0, 6.0), 0.05: steps(9.5, 5.5), 0.10: steps(9.0, 5.0), 0.15: steps(8.5, 4.5)}
+    out = summarise_steps(times, [0.05, 0.10, 0.15], 28, "cpu")
+    first = out["rows"][0]
+    assert first["rollout_share"] == pytest.approx(0.6) and first["skipped"] == 1
+    assert first["ideal_speedup"] == pytest.approx(1 / (0.4 + 0.6 * 27 / 28))
+    assert first["measured_speedup"] == pytest.approx(10 / 9.5)
+    assert first["efficiency"] == pytest.approx((10 / 9.5) * (0.4 + 0.6 * 27 / 28))
+    assert first["rollout_speedup"] == pytest.approx(6 / 5.5) and first["rollout_ideal"] == pytest.approx(28 / 27)
+    gains = [0.0] + [100 * (10 / s - 1) for s in (9.5, 9.0, 8.5)]
+    xs = [0.0, 0.05, 0.10, 0.15]
+    slope = (sum((x - 0.075) * (g - sum(gains) / 4) for x, g in zip(xs, gains)) / sum((x - 0.075) ** 2 for x in xs))
+    assert out["fit"]["slope_pct_per_x"] == pytest.approx(slope) and out["fit"]["points"] == 4
+    assert 0.99 < out["fit"]["r2"] <= 1
+
+
+def test_step_mode_runs_trains_own_steps(capsys):
+    rc = main(["bench", "--mode", "step", "--hidden-size", "32", "--skip-ratio", "0.15", "--batch-size", "2",
+               "--micro-batch-size", "1", "--num-generations", "2", "--max-new-tokens", "4", "--repeats", "1",
+               "--warmup", "0", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["skipped"] == 4 and row["num_layers"] == 28 and 0 < row["rollout_share"] < 1
+    assert row["full_step_s"] > row["full_rollout_s"] > 0 and row["efficiency"] > 0
+
+
+def test_step_mode_bad_input_exits_2(capsys):
+    assert main(["bench", "--mode", "step", "--batch-size", "3", "--micro-batch-size", "2"]) == 2
+    assert "multiple of micro_batch_size" in capsys.readouterr().err
+    assert main(["bench", "--mode", "step", "--compare-generate"]) == 2
+    assert "rollout-mode comparison" in capsys.readouterr().err
