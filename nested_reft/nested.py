@@ -45,8 +45,21 @@ def _resolve(model: nn.Module, path: str) -> tuple[nn.Module, str, object] | Non
     return owner, name, getattr(owner, name, None)
 
 
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """The HF model inside a PEFT wrapper (PeftModel -> LoraModel -> the model, whose linear layers carry the
+    injected adapters); any other model as it is. Its layers are the wrapper's layers: the same modules."""
+    for _ in range(4):
+        inner = model.get_base_model() if hasattr(type(model), "get_base_model") else None
+        if inner is None or inner is model:
+            return model
+        model = inner
+    return model
+
+
 def find_layers(model: nn.Module) -> LayerList:
-    """Locate the decoder's list of transformer blocks; a clear error when the model has none."""
+    """Locate the decoder's list of transformer blocks (through a PEFT wrapper: `unwrap_adapters`); a clear
+    error when the model has none."""
+    model = unwrap_adapters(model)
     for path in _LAYER_PATHS:
         found = _resolve(model, path)
         if found is not None and isinstance(found[2], nn.ModuleList) and len(found[2]) > 0:

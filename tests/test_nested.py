@@ -110,3 +110,33 @@ def test_model_without_layer_list_is_named():
     with pytest.raises(TypeError, match="NoLayers has no recognisable transformer layer list"):
         with skip_layers(NoLayers(), (0,)):
             pass
+
+
+def test_the_nested_view_works_through_a_peft_wrapper():
+    """find_layers finds the decoder layers inside a LoRA PeftModel (the same module objects), skip_layers nests
+    the wrapped model (adapters included) exactly as it nests the unwrapped one and restores it, and the Block
+    Influence meter measures through the wrapper."""
+    peft = pytest.importorskip("peft")
+    from nested_reft.importance import block_influence
+
+    inner = tiny_model("qwen2")
+    wrapped = peft.get_peft_model(inner, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    assert find_layers(wrapped).layers is inner.model.layers and num_layers(wrapped) == 6
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        full = wrapped(input_ids=ids, attention_mask=mask).logits
+        with skip_layers(wrapped, (1, 4)):
+            assert len(inner.model.layers) == 4 and wrapped.config.num_hidden_layers == 4
+            nested = wrapped(input_ids=ids, attention_mask=mask).logits
+        with skip_layers(inner, (1, 4)):
+            want = inner(input_ids=ids, attention_mask=mask).logits  # the adapters live in inner's layers
+        with wrapped.disable_adapter(), skip_layers(wrapped, (1, 4)):
+            base = wrapped(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(wrapped(input_ids=ids, attention_mask=mask).logits, full)  # restored
+    assert torch.equal(nested, want) and not torch.allclose(nested, full) and not torch.allclose(nested, base)
+    assert len(inner.model.layers) == 6 and wrapped.config.num_hidden_layers == 6
+    assert block_influence(wrapped, ids, mask, mask) == block_influence(inner, ids, mask, mask)
