@@ -12,6 +12,11 @@ Choices:
   state dict), so it resumes under FSDP only (and a DDP one without FSDP only): said before loading.
 - metrics.jsonl gets one flushed, fsync'ed line per step, written by process 0; on resume it is cut
   back to the checkpoint's step.
+- With LoRA the model part of a checkpoint is the adapter only (peft's adapter_model.safetensors and
+  adapter_config.json): the frozen base is the `model` the run names, and optimizer.pt holds only the
+  adapters' moments. `final/` holds the adapter and the tokenizer; with merge_lora also `final/merged/`, a
+  plain HF model of base + adapter, written inside the same temporary directory, so it appears atomically
+  with the adapter.
 """
 
 import dataclasses
@@ -26,13 +31,14 @@ import yaml
 
 from nested_reft.config import ConfigError, save_yaml
 from nested_reft.distributed import weights_finite
-from nested_reft.models import save_pretrained
+from nested_reft.models import is_peft_model, save_merged, save_pretrained
 
 CHECKPOINTS = "checkpoints"
 # TrainConfig fields a resume may change: they do not change what the run computes, only how long it
 # runs, how often it saves and what it shows. Every other field defines the run (a resume refuses a change).
 RESUME_MAY_CHANGE = ("steps", "save_steps", "keep_checkpoints", "resume", "report_to", "progress",
-                     "collective_timeout_s", "max_skipped_updates", "output_dir", "gradient_checkpointing")
+                     "collective_timeout_s", "max_skipped_updates", "output_dir", "gradient_checkpointing",
+                     "merge_lora")  # merge_lora: only what the end writes besides the adapter
 
 
 class CheckpointError(OSError):
@@ -146,7 +152,8 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def save_final_model(run) -> None:
-    """output_dir/final: the HF model + tokenizer, atomically; every process calls it."""
+    """output_dir/final: the HF model (LoRA: the adapter, and with merge_lora final/merged/) + tokenizer,
+    atomically; every process calls it."""
     acc = run.accelerator
     model_sd, _ = full_state(run, optimizer=False)
     if acc.is_main_process:
@@ -154,6 +161,8 @@ def save_final_model(run) -> None:
         with written_or_removed(tmp, f"writing the final model {final}"):
             shutil.rmtree(tmp, ignore_errors=True)
             save_model(run, tmp, model_sd)
+            if run.cfg.merge_lora:
+                save_merged(run.accelerator.unwrap_model(run.model), run.tokenizer, tmp / "merged")
             replace_dir(tmp, final)
     acc.wait_for_everyone()
 
@@ -183,6 +192,9 @@ def load_checkpoint(run, path: Path) -> dict:
                           f"state resumes only {'with' if by_name else 'without'} FSDP")
     if run.fsdp:
         missing, unexpected = load_sharded(run, state_dict, optim_sd)
+    elif is_peft_model(policy):
+        missing, unexpected = load_adapter(policy, state_dict, path)
+        run.optimizer.load_state_dict(optim_sd)
     else:
         missing, unexpected = policy.load_state_dict(state_dict, strict=False)
         run.optimizer.load_state_dict(optim_sd)
@@ -191,6 +203,19 @@ def load_checkpoint(run, path: Path) -> dict:
         raise ConfigError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     run.scheduler.load_state_dict(_read(path / "scheduler.pt", lambda f: torch.load(f, weights_only=True)))
     return _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+
+
+def load_adapter(policy, state_dict: dict, path: Path) -> tuple[list[str], list[str]]:
+    """Load a checkpoint's adapter weights into the PeftModel; (missing adapter keys, unexpected keys). A
+    checkpoint without adapter weights (a full fine-tuning run's) is named here."""
+    from peft import set_peft_model_state_dict
+
+    if not any("lora_" in k for k in state_dict):
+        raise ConfigError(f"checkpoint {path} holds no LoRA adapter (adapter_model.safetensors): it was not "
+                          f"written by a LoRA run")
+    result = set_peft_model_state_dict(policy, state_dict)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    return missing, list(result.unexpected_keys)
 
 
 def _read(path: Path, load):

@@ -196,6 +196,50 @@ def save_yaml(cfg, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+#: LoRA's default targets: the attention and MLP projections of Qwen2/2.5/3, Llama, Mistral (every linear
+#: layer of a decoder block; not the embeddings or the LM head).
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_HELP = {
+    "lora_r": "LoRA rank r: > 0 trains rank-r adapters only (peft; the base weights stay frozen), 0 = full fine-tuning",
+    "lora_alpha": "LoRA alpha: the adapter's update is scaled by alpha/r (default: 2*r, a scaling of 2 at every "
+                  "rank, so a learning rate carries over when r changes)",
+    "lora_target_modules": "module names (or dotted suffixes) that get adapters (default: the attention and MLP "
+                           "projections of Qwen/Llama)",
+    "merge_lora": "also write base + adapter merged into one plain HF model, in a merged/ directory next to the "
+                  "final adapter",
+}
+
+
+def check_lora(e: list, cfg) -> None:
+    """The LoRA fields of a TrainConfig or SFTConfig: lora_r >= 0; with lora_r > 0, lora_alpha > 0, lora_dropout
+    in [0, 1) and at least one target; with lora_r = 0 (LoRA off) every other LoRA field must keep its default
+    (a value there would be silently ignored)."""
+    check_range(e, "lora_r", cfg.lora_r, 0)
+    if isinstance(cfg.lora_r, int) and cfg.lora_r > 0:
+        check_range(e, "lora_alpha", cfg.lora_alpha, 0.0, low_open=True)
+        check_range(e, "lora_dropout", cfg.lora_dropout, 0.0, 1.0, high_open=True)
+        if not cfg.lora_target_modules:
+            e.append("lora_target_modules is empty: name at least one module to adapt")
+        return
+    if cfg.lora_r != 0:
+        return
+    off = "is used only with LoRA (lora_r > 0; lora_r=0 is full fine-tuning)"
+    if cfg.lora_alpha is not None:
+        e.append(f"lora_alpha={cfg.lora_alpha!r} {off}")
+    if cfg.lora_dropout != 0.0:
+        e.append(f"lora_dropout={cfg.lora_dropout!r} {off}")
+    if list(cfg.lora_target_modules or []) != LORA_TARGET_MODULES:
+        e.append(f"lora_target_modules={cfg.lora_target_modules!r} {off}")
+    if cfg.merge_lora:
+        e.append("merge_lora=True needs LoRA (lora_r > 0); without it the final model is already a full HF model")
+
+
+def resolve_lora_alpha(cfg) -> None:
+    """lora_alpha's default, 2 * lora_r, filled in when LoRA is on (left None when it is off)."""
+    if cfg.lora_alpha is None and isinstance(cfg.lora_r, int) and not isinstance(cfg.lora_r, bool) and cfg.lora_r > 0:
+        cfg.lora_alpha = 2.0 * cfg.lora_r
+
+
 PAPER_MITIGATIONS = ("base", "practical", "retrace")  # what demo and sweep run by default
 MITIGATIONS = PAPER_MITIGATIONS + ("tis", "mis")  # tis, mis: beyond the paper (objectives.py)
 IS_LEVELS = ("token", "sequence")
@@ -264,12 +308,19 @@ class TrainConfig:
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     disable_dropout: bool = doc(True, "switch the policy's dropout off (rollouts and pi_old run without it; TRL's default)")
     max_skipped_updates: int = doc(10, "stop with an error after this many consecutive skipped (non-finite) updates")
+    lora_r: int = doc(0, LORA_HELP["lora_r"])
+    lora_alpha: float | None = doc(None, LORA_HELP["lora_alpha"])
+    lora_dropout: float = doc(0.0, "dropout on the adapters' input; > 0 needs disable_dropout=false (the default "
+                                   "disable_dropout switches every dropout of the policy off, the adapters' too)")
+    lora_target_modules: list[str] = doc(LORA_TARGET_MODULES, LORA_HELP["lora_target_modules"])
+    merge_lora: bool = doc(False, LORA_HELP["merge_lora"] + " (final/merged/)")
 
     def __post_init__(self):
         if self.border is None:
             self.border = 1 if self.skip_ratio and self.skip_ratio > 0 else 0
         if self.min_new_tokens is None:
             self.min_new_tokens = self.max_new_tokens
+        resolve_lora_alpha(self)
 
     def validate(self) -> None:
         """Check every field that needs no model or data; raises ConfigError listing all problems."""
@@ -325,6 +376,12 @@ class TrainConfig:
         check_choice(e, "bf16", str(self.bf16).lower(), ("auto", "true", "false"))
         if self.limit is not None:
             check_range(e, "limit", self.limit, 1)
+        check_lora(e, self)
+        if (self.disable_dropout and isinstance(self.lora_dropout, (int, float)) and self.lora_dropout > 0
+                and not any(x.startswith("lora_") for x in e)):
+            e.append(f"lora_dropout={self.lora_dropout!r} would be switched off by disable_dropout=true (the default: "
+                     "dropout in the update but not in the rollouts adds noise to rho); pass --disable-dropout false "
+                     "to train with adapter dropout")
         if self.is_level == "sequence" and self.mitigation != "practical":
             import warnings
 

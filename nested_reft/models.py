@@ -13,8 +13,22 @@ Choices:
   p = 0 and the attention-dropout rates HF attention reads from its modules and config are set to 0.
 - A saved model keeps `use_cache: true` in its config (training turns the cache off while it runs), so
   that a user loading it for inference gets the KV cache.
+- LoRA (peft, optional: `pip install -e ".[peft]"`): `apply_lora` wraps the loaded model in a PeftModel
+  whose adapters (rank r, scaling alpha/r, B = 0 so the wrapped model starts equal to the base) are the only
+  trainable parameters; the adapter init is seeded. Every target module must exist in the model and be a
+  linear layer (peft itself ignores a target that matches nothing as long as another one matches). An
+  adapter's `base_model_name_or_path` is the absolute path of the model it was trained on (a relative one
+  would break as soon as the directory is read from elsewhere).
+- A model directory holding a LoRA adapter (adapter_config.json, no config.json: what `sft` or `train`
+  write with --lora-r) loads as its base (`base_model_name_or_path`, itself possibly an adapter) with the
+  adapter merged in, so every command takes the adapter directory as `--model`.
+- `merged_state_dict` gives the weights of base + adapter (W + (alpha/r) B A, peft's own delta) under the
+  base model's names without touching the training model, so a merged copy can be written at the end
+  while the adapter keeps training or checkpointing.
 """
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,9 +38,12 @@ from nested_reft.config import ConfigError
 
 
 def load_model_and_tokenizer(name: str, dtype=torch.float32):
-    """(model, tokenizer) from a directory or hub id; ConfigError naming `name` and the cause."""
+    """(model, tokenizer) from a directory or hub id; ConfigError naming `name` and the cause. A LoRA
+    adapter directory loads as its base model with the adapter merged in (`is_adapter_dir`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_adapter_dir(name):
+        return load_merged_adapter(name, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
@@ -94,3 +111,159 @@ def eos_ids(model, tokenizer) -> list[int]:
 def context_length(model) -> int | None:
     """The model's max_position_embeddings, if its config has one."""
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
+# ---- LoRA (peft) ------------------------------------------------------------------------------
+
+
+def require_peft(what: str) -> None:
+    """ConfigError naming `what` (e.g. "lora_r=8") when peft cannot be imported."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError(f'{what} needs the peft package: pip install -e ".[peft]"') from None
+
+
+def is_adapter_dir(name) -> bool:
+    """A local directory holding a peft adapter and no full model config."""
+    path = Path(name)
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_merged_adapter(name: str, dtype=torch.float32):
+    """(base model with the adapter of directory `name` merged in, the tokenizer saved with the adapter)."""
+    import json
+
+    require_peft(f"model={name!r} (a LoRA adapter)")
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    try:
+        base_name = json.loads((Path(name) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model={name!r}: adapter_config.json has no readable base_model_name_or_path "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not base_name:
+        raise ConfigError(f"model={name!r}: adapter_config.json names no base model (base_model_name_or_path)")
+    try:
+        base, _ = load_model_and_tokenizer(base_name, dtype)
+    except ConfigError as exc:
+        raise ConfigError(f"model={name!r} is a LoRA adapter whose base model does not load: {exc}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name) if (Path(name) / "tokenizer_config.json").is_file() else None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(base_name)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, name).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base for inference; as a --model it is trained
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model={name!r} (a LoRA adapter on {base_name!r}) does not load: "
+                          f"{type(exc).__name__}: {first}") from None
+    check_tokenizer(name, tokenizer, model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+@contextmanager
+def _quiet_peft():
+    """Silence peft's warnings that say nothing to our users: it reads transformers' deprecated
+    `is_gradient_checkpointing`, and warns that base_model_name_or_path differs from the model's name_or_path
+    (apply_lora sets the one it means)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*renamed.*")
+        yield
+
+
+def _lora_compatible(module: nn.Module) -> bool:
+    """A module type LoRA can adapt: linear layers (incl. GPT-2's Conv1D) and embeddings."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, nn.Embedding, Conv1D))
+
+
+def check_lora_targets(model: nn.Module, targets) -> list[str]:
+    """Errors for target module names that match no module of `model` (peft matches a name or a dotted
+    suffix of one) or only modules LoRA cannot adapt; an empty list when all are fine."""
+    errors, names = [], [(n, m) for n, m in model.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in names if isinstance(m, nn.Linear)})
+    for target in targets:
+        found = [m for n, m in names if n == target or n.endswith("." + target)]
+        if not found:
+            errors.append(f"lora_target_modules: {target!r} is not a module of the model (its linear layers: "
+                          f"{', '.join(linear)})")
+        elif not any(_lora_compatible(m) for m in found):
+            errors.append(f"lora_target_modules: {target!r} is a {type(found[0]).__name__}, not a linear layer "
+                          f"(its linear layers: {', '.join(linear)})")
+    return errors
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets, seed: int, base_name: str):
+    """The model wrapped in a peft PeftModel with LoRA adapters on `targets` (only they are trainable). The
+    adapters' random init (A; B starts at 0) is drawn from a generator seeded with `seed`, leaving the global
+    RNG untouched. ConfigError for a bad target. `base_name` goes into adapter_config.json (absolute if local)."""
+    require_peft(f"lora_r={r}")
+    from peft import LoraConfig, get_peft_model
+
+    errors = check_lora_targets(model, targets)
+    if errors:
+        from nested_reft.config import invalid
+
+        raise ConfigError(invalid(errors))
+    base = str(Path(base_name).absolute()) if Path(base_name).is_dir() else base_name
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(targets), bias="none", base_model_name_or_path=base)
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
+        torch.manual_seed(seed)
+        try:
+            wrapped = get_peft_model(model, config)
+        except ValueError as exc:  # a target peft cannot adapt
+            raise ConfigError(f"lora_target_modules={list(targets)}: {exc}") from None
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    return wrapped
+
+
+def is_peft_model(model) -> bool:
+    """Whether `model` is a peft PeftModel (LoRA); False without peft installed."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer gets: all of them, or with LoRA only the adapters'."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA adapter merged in (W + (alpha/r) B A, on the CPU), under
+    the names of a plain HF model (what `merge_and_unload` would leave), without changing `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    lora = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    for name, m in lora.items():
+        if getattr(m, "lora_variant", {}).get("default") is not None or getattr(m, "lora_bias", {}).get("default"):
+            raise ValueError(f"merged_state_dict: {name} is not a plain LoRA layer")
+    out, copies = {}, {}
+    for key, value in inner.state_dict().items():
+        parts = key.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue  # tied weights stay one tensor, so that save_pretrained writes them once
+        copy = copies.setdefault(value.data_ptr(), value.detach().to("cpu", copy=True))
+        out[key.replace(".base_layer.", ".")] = copy
+    for name, m in lora.items():
+        weight = out[f"{name}.weight"]
+        out[f"{name}.weight"] = weight + m.get_delta_weight("default").to("cpu", weight.dtype)
+    return out
+
+
+def save_merged(model, tokenizer, path: Path) -> None:
+    """A plain HF model (base + adapter merged, `merged_state_dict`) and the tokenizer in `path`, loadable
+    with AutoModelForCausalLM.from_pretrained."""
+    save_pretrained(model.get_base_model(), tokenizer, path, merged_state_dict(model))

@@ -25,6 +25,11 @@ Choices:
   so `find_unused_parameters` is on when layer_drop > 0.
 - The checkpoint (safetensors + tokenizer + sft_summary.json) is written to a temporary sibling
   directory and renamed into `output_dir`, so a crash never leaves a half-written checkpoint there.
+- LoRA (`lora_r` > 0, peft; models.apply_lora): only the adapters train and `output_dir` holds the adapter
+  (adapter_model.safetensors, adapter_config.json naming the base model by absolute path) with the
+  tokenizer; `merge_lora` adds `output_dir/merged/`, base + adapter as one plain HF model. Both work as
+  `--model` of train and eval: an adapter directory loads as its base with the adapter merged in. The
+  model's own dropout stays as it is (SFT never switched it off) and `lora_dropout` adds the adapters'.
 """
 
 import json
@@ -39,12 +44,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nested_reft.config import (ConfigError, check_choice, check_finite_floats, check_range, doc, output_dir_problems,
-                                raise_if)
+from nested_reft.config import (LORA_HELP, LORA_TARGET_MODULES, ConfigError, check_choice, check_finite_floats,
+                                check_lora, check_range, doc, output_dir_problems, raise_if, resolve_lora_alpha)
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
 from nested_reft.distributed import global_sum
 from nested_reft.logprobs import scored_head, supports_scored_head
-from nested_reft.models import load_model_and_tokenizer, save_pretrained
+from nested_reft.models import (apply_lora, load_model_and_tokenizer, require_peft, save_merged, save_pretrained,
+                                trainable_parameters)
 from nested_reft.nested import enable_activation_checkpointing
 from nested_reft.objectives import token_logprobs
 
@@ -72,6 +78,14 @@ class SFTConfig:
     gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
     progress: bool = doc(True, "show a progress bar (stderr)")
     layer_drop: float = doc(0.0, "skip ratio x of a fresh nested model (border 1) on every other update, so the result's nested models work too; 0 = off")
+    lora_r: int = doc(0, LORA_HELP["lora_r"])
+    lora_alpha: float | None = doc(None, LORA_HELP["lora_alpha"])
+    lora_dropout: float = doc(0.0, "dropout on the adapters' input (SFT keeps the model's own dropout too)")
+    lora_target_modules: list[str] = doc(LORA_TARGET_MODULES, LORA_HELP["lora_target_modules"])
+    merge_lora: bool = doc(False, LORA_HELP["merge_lora"] + " (output_dir/merged/)")
+
+    def __post_init__(self):
+        resolve_lora_alpha(self)
 
 
 def check_config(cfg: SFTConfig) -> None:
@@ -90,10 +104,13 @@ def check_config(cfg: SFTConfig) -> None:
     check_choice(e, "template", cfg.template, ("auto", "chat", "plain"))
     if cfg.limit is not None:
         check_range(e, "limit", cfg.limit, 1)
+    check_lora(e, cfg)
     check_finite_floats(e, cfg)
     if cfg.output_dir:
         e += output_dir_problems(Path(cfg.output_dir))
     raise_if(e)
+    if cfg.lora_r > 0:
+        require_peft(f"lora_r={cfg.lora_r}")
 
 
 # ---- examples and batches ---------------------------------------------------------------------
@@ -148,9 +165,10 @@ def prepare(cfg: SFTConfig, tokenizer) -> tuple[list, int]:
 # ---- loading and saving -----------------------------------------------------------------------
 
 
-def save_atomically(model, tokenizer, summary: dict, output_dir: Path) -> None:
+def save_atomically(model, tokenizer, summary: dict, output_dir: Path, merge_lora: bool = False) -> None:
     """save_pretrained into a temporary sibling, then rename it into place (replacing an old one). A file
-    system failure removes the temporary directory and raises CheckpointError."""
+    system failure removes the temporary directory and raises CheckpointError. With LoRA the directory holds
+    the adapter, and with `merge_lora` also merged/: base + adapter as one plain HF model."""
     from nested_reft.checkpoint import replace_dir, written_or_removed
 
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
@@ -158,6 +176,8 @@ def save_atomically(model, tokenizer, summary: dict, output_dir: Path) -> None:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, tokenizer, tmp)
+        if merge_lora:
+            save_merged(model, tokenizer, tmp / "merged")
         (tmp / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         replace_dir(tmp, output_dir)
 
@@ -244,9 +264,11 @@ def curve(values: list[float], points: int = 50) -> list[float]:
 
 
 def make_optimizer(model, cfg: SFTConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters (with LoRA the adapters only); weight decay on matrices only (not
+    on norms and biases)."""
+    params = trainable_parameters(model)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -292,6 +314,9 @@ def run_sft(cfg: SFTConfig) -> dict:
     if len(items) < accelerator.num_processes:
         raise DataError(f"{len(items)} examples cannot be shared by {accelerator.num_processes} processes")
     torch.manual_seed(cfg.seed)
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
+                           cfg.model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -316,9 +341,10 @@ def run_sft(cfg: SFTConfig) -> dict:
         "tokens": tokens,
         "tokens_per_s": round(tokens / max(runtime, 1e-9), 1),
         "output_dir": str(cfg.output_dir),
+        "trainable_parameters": sum(p.numel() for p in trainable_parameters(model)),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_atomically(accelerator.unwrap_model(model), tokenizer, summary, Path(cfg.output_dir))
+        save_atomically(accelerator.unwrap_model(model), tokenizer, summary, Path(cfg.output_dir), cfg.merge_lora)
     accelerator.wait_for_everyone()
     return summary

@@ -23,9 +23,15 @@ Choices:
   collective, so the decode loop stops only when all processes are done, and gradients are
   reduce-scattered after every micro-batch (no `no_sync`: that would keep unsharded gradients). The
   process-group pieces are in distributed.py, checkpoints and resume in checkpoint.py.
+- LoRA (`lora_r` > 0, peft): the loaded model is wrapped before the optimizer is built, and the optimizer
+  gets only the adapters' parameters. Rollouts, pi_old, the policy pass and the Block Influence meter all
+  run the wrapped model (its decoder layers are the base model's modules with adapters injected, so
+  `skip_layers` nests it as it nests any model). The KL reference for beta > 0 is the same model inside
+  peft's `disable_adapter()`, i.e. the base: no second copy is loaded. LoRA under FSDP is refused.
 """
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -47,9 +53,10 @@ from nested_reft.distributed import (collective_failures, full_tensor, gather_ro
 from nested_reft.importance import measuring
 from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at
 from nested_reft.metrics import Means, MetricsLog, clipped_completions, reward_stats
-from nested_reft.models import context_length, disable_dropout, load_model_and_tokenizer
+from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer, require_peft,
+                                trainable_parameters)
 from nested_reft.models import eos_ids as model_eos_ids
-from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers
+from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers, unwrap_adapters
 from nested_reft.objectives import (combine_offpolicy, finish_offpolicy, group_advantages, importance_weights,
                                     offpolicy_sums, policy_loss)
 from nested_reft.rewards import math_reward
@@ -121,6 +128,17 @@ def check_context(cfg: TrainConfig, model, prompts: list[Prompt]) -> None:
                           f"{context - longest} or less")
 
 
+def check_lora_setup(cfg: TrainConfig) -> None:
+    """LoRA's checks that need the environment, not the model: peft installed, no FSDP launch."""
+    if cfg.lora_r <= 0:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError(f"lora_r={cfg.lora_r}: LoRA with FSDP is not supported (the adapters are small: launch "
+                          "with DDP, e.g. configs/accelerate/ddp-multigpu.yaml, or drop --lora-r to shard a full "
+                          "fine-tuning run)")
+    require_peft(f"lora_r={cfg.lora_r}")
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Validate everything, load model/data, build optimizer and scheduler. Writes nothing."""
     cfg.validate()
@@ -130,6 +148,7 @@ def setup(cfg: TrainConfig) -> Run:
 
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError('report_to=tensorboard needs the tensorboard package: pip install -e ".[tensorboard]"')
+    check_lora_setup(cfg)
     accelerator = make_accelerator(cfg.device, cfg.bf16, cfg.collective_timeout_s)
     fsdp = use_fsdp()
     model, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -139,8 +158,11 @@ def setup(cfg: TrainConfig) -> Run:
     world = accelerator.num_processes
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes")
+    if cfg.lora_r > 0:  # the reference for beta > 0 is this model with its adapters disabled (reference_logprobs)
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.seed,
+                           cfg.model)
     ref_model = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and cfg.lora_r == 0:
         ref_model, _ = load_model_and_tokenizer(cfg.model)
         ref_model.requires_grad_(False).eval().to(accelerator.device)
     for m in (model, ref_model):
@@ -153,7 +175,7 @@ def setup(cfg: TrainConfig) -> Run:
         shard_model(model, accelerator.device)
         if ref_model is not None:
             shard_model(ref_model, accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = make_scheduler(cfg, optimizer)
     if not fsdp:  # accelerate's own FSDP2 preparation is GPU-only; the sharded model needs no wrapper
@@ -238,7 +260,7 @@ def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
     """Generate G completions per prompt (`local_prompts(run, step)`) with the nested model, in
     rollout_batch_size chunks; each prompt samples from its own generator (see sampling_generators)."""
     cfg, acc = run.cfg, run.accelerator
-    policy = acc.unwrap_model(run.model)
+    policy = unwrap_adapters(acc.unwrap_model(run.model))  # LoRA: the HF model, its layers carrying the adapters
     gens = sampling_generators(cfg, step, local_positions(run))
     if len(gens) != len(prompts):
         raise ValueError(f"do_rollouts expects this process's {len(gens)} prompts, got {len(prompts)}")
@@ -344,6 +366,18 @@ def batch_logprobs(run: Run, model, rollout: Rollout, size: int) -> torch.Tensor
     return out
 
 
+def reference_logprobs(run: Run, rollout: Rollout, size: int) -> torch.Tensor | None:
+    """The frozen reference's log-probs [B*G, L] for the KL term (None when beta = 0): the reference model,
+    or with LoRA the policy itself with its adapters disabled (the base model: no second copy)."""
+    if run.cfg.beta == 0:
+        return None
+    if run.ref_model is not None:
+        return batch_logprobs(run, run.ref_model, rollout, size)
+    policy = run.accelerator.unwrap_model(run.model)
+    with policy.disable_adapter():
+        return batch_logprobs(run, policy, rollout, size)
+
+
 def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
     """Weight of a micro-batch's mean loss so that micro-batches sum to the full-batch loss."""
     if loss_type == "bnpo":
@@ -437,7 +471,7 @@ def rl_step(run: Run, step: int) -> dict:
     with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
         old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout,
                                                                      micro_rows)
-        ref_lp = None if run.ref_model is None else batch_logprobs(run, run.ref_model, rollout, micro_rows)
+        ref_lp = reference_logprobs(run, rollout, micro_rows)
     run.model.train()
     measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
     with measuring(acc.unwrap_model(run.model), measure) as meter:
@@ -736,5 +770,8 @@ def make_summary(run: Run, state: dict) -> dict:
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
         "skip_policy": cfg.skip_policy,
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,
+        "lora_r": cfg.lora_r,
+        "trainable_parameters": sum(p.numel() for p in trainable_parameters(acc.unwrap_model(run.model))),
         "final_checkpoint": str(run.out / "final"),
+        **({"final_merged": str(run.out / "final" / "merged")} if cfg.merge_lora else {}),
     }

@@ -269,3 +269,58 @@ def test_target_nll_equals_full_logit_cross_entropy(toy, monkeypatch, scored):
         batch["labels"][:, 1:], ignore_index=-100, reduction="sum").detach())
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+# ---- LoRA -----------------------------------------------------------------------------------------
+
+
+def test_lora_sft_writes_the_adapter_and_a_merged_model_and_train_takes_either(toy, tmp_path):
+    """With --lora-r only the adapters train (layer drop included: the nested view works through the wrapper);
+    output_dir holds the adapter, merged/ the plain model, and both load as the same model for `train`."""
+    pytest.importorskip("peft")
+    from nested_reft import trainer
+    from nested_reft.config import TrainConfig
+    from nested_reft.models import load_model_and_tokenizer
+
+    out = tmp_path / "sft"
+    before = batch_loss(toy / "model", toy)
+    summary = run_sft(config(toy, out, lora_r=4, merge_lora=True, layer_drop=0.15, lr=1e-2))
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "sft_summary.json", "merged"} <= names
+    assert "model.safetensors" not in names and summary["trainable_parameters"] == 157_696
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert batch_loss(out / "merged", toy) < before
+    old = AutoModelForCausalLM.from_pretrained(toy / "model").state_dict()
+    new = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    targeted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if not (k.endswith(".weight") and k.split(".")[-2] in targeted))
+    assert any(not torch.equal(old[k], new[k]) for k in old if "q_proj.weight" in k)
+    from_adapter, _ = load_model_and_tokenizer(str(out))
+    assert all(torch.allclose(from_adapter.state_dict()[k], v, rtol=0, atol=1e-6) for k, v in new.items())
+    base = dict(dataset="toy", data_dir=str(toy / "data"), steps=1, batch_size=2, micro_batch_size=2,
+                rollout_batch_size=2, num_generations=2, max_new_tokens=4, progress=False)
+    for model, lora_r in ((out, 0), (out / "merged", 4)):
+        s = trainer.train(TrainConfig(model=str(model), output_dir=str(tmp_path / f"rl-{lora_r}"), lora_r=lora_r, **base))
+        assert s["steps"] == 1 and s["lora_r"] == lora_r
+    rl_adapter = json.loads((tmp_path / "rl-4" / "final" / "adapter_config.json").read_text())
+    assert rl_adapter["base_model_name_or_path"] == str((out / "merged").absolute())
+
+
+def test_lora_sft_with_an_unknown_target_module_writes_nothing(toy, tmp_path):
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="'qproj' is not a module of the model"):
+        run_sft(config(toy, tmp_path / "sft", lora_r=4, lora_target_modules=["qproj"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lora_r=-1), "lora_r=-1 must be >= 0"),
+    (dict(lora_alpha=8.0), "lora_alpha=8.0 is used only with LoRA"),
+    (dict(merge_lora=True), "merge_lora=True needs LoRA"),
+    (dict(lora_r=4, lora_dropout=-0.1), "lora_dropout=-0.1 must be >= 0.0 and < 1.0"),
+])
+def test_bad_lora_config_fails_before_writing(toy, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_sft(config(toy, tmp_path / "sft", **kw))
+    assert list(tmp_path.iterdir()) == []

@@ -175,6 +175,15 @@ def test_run_directory_contents(toy_dir, tmp_path):
     (dict(lam=0.0), "lam"),
     (dict(dataset="nope"), "dataset='nope'"),
     (dict(loss_type="x", top_p=2.0), "top_p"),
+    (dict(lora_r=-1), "lora_r=-1 must be >= 0"),
+    (dict(lora_alpha=16.0), "lora_alpha=16.0 is used only with LoRA"),
+    (dict(lora_target_modules=["q_proj"]), "lora_target_modules=.'q_proj'. is used only with LoRA"),
+    (dict(lora_r=8, lora_alpha=0.0), "lora_alpha=0.0 must be > 0.0"),
+    (dict(lora_r=8, lora_dropout=1.0), "lora_dropout=1.0 must be >= 0.0 and < 1.0"),
+    (dict(lora_r=8, lora_dropout=0.1), "lora_dropout=0.1 would be switched off by disable_dropout=true"),
+    (dict(lora_r=8, lora_target_modules=[]), "lora_target_modules is empty"),
+    (dict(merge_lora=True), "merge_lora=True needs LoRA"),
+    (dict(lora_r=8, lora_target_modules=["q_proj", "qproj"]), "'qproj' is not a module of the model"),
 ])
 def test_bad_configs_fail_before_anything_is_written(toy_dir, tmp_path, kw, field):
     out = tmp_path / "r"
@@ -641,3 +650,97 @@ def test_packed_micro_batches_stay_within_the_token_budget():
     assert sorted(torch.cat([mb.index for mb in packed]).tolist()) == list(range(n))
     assert all(mb.completion_ids.numel() + mb.prompt_ids.numel() <= 8 * (p + length) for mb in packed)
     assert len(packed) < len(fixed) == 8
+
+
+# ---- LoRA -----------------------------------------------------------------------------------------
+
+
+def lora_cfg(toy_dir, out, **kw):
+    pytest.importorskip("peft")
+    return small_cfg(toy_dir, out, lora_r=8, **kw)
+
+
+def test_lora_alpha_defaults_to_twice_the_rank():
+    assert TrainConfig(model="m", lora_r=8).lora_alpha == 16.0 and TrainConfig(model="m").lora_alpha is None
+    assert TrainConfig(model="m", lora_r=8, lora_alpha=4).lora_alpha == 4
+
+
+def test_lora_trains_only_the_adapters(toy_dir, tmp_path, alternating_rewards):
+    """Two nested steps: the optimizer holds only adapter parameters, every base weight is bit-identical
+    afterwards, and the adapters of every layer that ran changed."""
+    run = trainer.setup(lora_cfg(toy_dir, tmp_path / "r", skip_ratio=0.15))
+    named = dict(run.model.named_parameters())
+    adapters = {k for k in named if "lora_" in k}
+    in_optimizer = {id(p) for group in run.optimizer.param_groups for p in group["params"]}
+    assert adapters and in_optimizer == {id(named[k]) for k in adapters}
+    assert all(named[k].requires_grad == (k in adapters) for k in named)
+    before = params(run.model)
+    skips = [set(trainer.rl_step(run, step)["skip_set"]) for step in range(2)]
+    after = params(run.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in adapters)
+    ran = set(range(28)) - (skips[0] & skips[1])
+    changed = {k for k in adapters if not torch.equal(before[k], after[k])}
+    assert {k for k in adapters if "lora_B" in k and int(k.split(".layers.")[1].split(".")[0]) in ran} <= changed
+    assert len(changed) > len(adapters) // 2
+
+
+def test_lora_reference_is_the_base_with_the_adapters_disabled(toy_dir, tmp_path, alternating_rewards):
+    """beta > 0 with LoRA loads no second model: the reference is the policy inside disable_adapter(). At step
+    1 the adapters are still 0 (B = 0), so the KL is 0; after the update the reference's log-probs are those of
+    a freshly loaded base model, not the policy's, and the KL is positive."""
+    from nested_reft.models import load_model_and_tokenizer
+
+    run = trainer.setup(lora_cfg(toy_dir, tmp_path / "r", beta=0.5))
+    assert run.ref_model is None
+    m1 = trainer.rl_step(run, 0)
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-7)
+    rollout = trainer.do_rollouts(run, trainer.local_prompts(run, 1), (), 1)
+    base, _ = load_model_and_tokenizer(str(toy_dir / "model"))
+    mask = rollout.completion_mask
+    with torch.no_grad():
+        ref = trainer.reference_logprobs(run, rollout, 8)
+        policy = trainer.batch_logprobs(run, run.model, rollout, 8)
+        want = trainer.batch_logprobs(run, base, rollout, 8)
+    torch.testing.assert_close(ref * mask, want * mask, rtol=0, atol=1e-5)
+    assert ((policy - ref) * mask).abs().max() > 1e-4
+    assert trainer.rl_step(run, 1)["kl"] > 0
+
+
+def test_lora_nested_runs_draw_the_same_skip_sets_as_full_fine_tuning(toy_dir, tmp_path, alternating_rewards):
+    """x = 0.15 with the importance policy, whose draw depends on the Block Influence measured through the
+    wrapper: a fresh adapter (B = 0) is the base model, so step 1 (rollouts, loss, profile) and the profile
+    measured in its update, hence step 2's skip set, equal the full fine-tuning run's."""
+    kw = dict(skip_ratio=0.15, skip_policy="importance", skip_temperature=0.3, mitigation="retrace")
+    trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    summary = trainer.train(lora_cfg(toy_dir, tmp_path / "lora", **kw))
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "lora")
+    assert [m["skip_set"] for m in a] == [m["skip_set"] for m in b] and all(len(m["skip_set"]) == 4 for m in b)
+    for x, y in zip(a, b):
+        assert y["layer_profile"] == pytest.approx(x["layer_profile"], rel=1e-5)
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-5) and b[0]["reward_mean"] == a[0]["reward_mean"]
+    assert summary["lora_r"] == 8 and 0 < summary["trainable_parameters"] < 1_759_552 / 2
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_update(toy_dir, tmp_path, alternating_rewards):
+    plain = trainer.setup(lora_cfg(toy_dir, tmp_path / "a", skip_ratio=0.15))
+    ckpt = trainer.setup(lora_cfg(toy_dir, tmp_path / "b", skip_ratio=0.15, gradient_checkpointing=True))
+    before = params(plain.model)
+    m_plain, m_ckpt = trainer.rl_step(plain, 0), trainer.rl_step(ckpt, 0)
+    assert m_ckpt["loss"] == pytest.approx(m_plain["loss"], rel=1e-5, abs=1e-7)
+    a, b = params(plain.model), params(ckpt.model)
+    assert any(not torch.equal(before[k], a[k]) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_lora_with_fsdp_or_without_peft_is_refused_before_any_work(toy_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(trainer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    with monkeypatch.context() as env:
+        env.setenv("ACCELERATE_USE_FSDP", "true")
+        with pytest.raises(ConfigError, match="lora_r=8: LoRA with FSDP is not supported"):
+            trainer.setup(small_cfg(toy_dir, tmp_path / "r", lora_r=8))
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ConfigError, match=r'lora_r=8 needs the peft package: pip install -e "\.\[peft\]"'):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", lora_r=8))
+    assert not (tmp_path / "r").exists()
