@@ -49,7 +49,7 @@ import torch
 
 from nested_reft.kv_cache import decode_cache
 from nested_reft.logprobs import scored_head, supports_scored_head
-from nested_reft.nested import skip_layers
+from nested_reft.nested import skip_layers, unwrap_adapters
 from nested_reft.objectives import token_logprobs
 
 
@@ -177,8 +177,10 @@ def eos_tensor(eos_token_id, device) -> torch.Tensor:
 
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` in recent transformers 5.x, `past_key_values` in
-    earlier ones (later ones accept it with a FutureWarning until 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    earlier ones (later ones accept it with a FutureWarning until 5.40). Read from the HF model itself,
+    through a PEFT wrapper (whose forward takes **kwargs)."""
+    forward = unwrap_adapters(model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 #: Finished rows (EOS emitted) are dropped from the decode batch once they are this fraction of it: each drop

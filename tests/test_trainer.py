@@ -80,8 +80,8 @@ def test_no_skip_gives_unit_weights_and_plain_grpo_gradient(toy_dir, tmp_path, a
     upd = trainer.update(run, rollout, adv, None, None)
     _, hm2 = trainer.importance_weights(upd.targets, rollout.behavior_logprobs, mask, "base")
     assert hm2["h_min"] > 1 - 1e-4 and abs(hm2["log_ratio_mean"]) < 1e-5  # the update's own forward as pi_old
-    for k, g in ref.items():
-        torch.testing.assert_close(dict(run.model.named_parameters())[k].grad, g, rtol=1e-3, atol=1e-6)
+    for k, g in ref.items():  # fp32 sums in another order (micro-batches grouped by length): rounding only
+        torch.testing.assert_close(dict(run.model.named_parameters())[k].grad, g, rtol=1e-3, atol=5e-6)
 
 
 def test_non_finite_loss_skips_the_update(toy_dir, tmp_path, alternating_rewards, monkeypatch):
