@@ -17,8 +17,10 @@ Choices:
   of the model, alternated round by round; a preset gets the toy task's tokenizer and prompts of random
   digits, saved with the model to a temporary directory. Only the rollout gets faster, so the
   ideal step speedup for the rollout share f (median rollout_s / step_s of the full model) is Amdahl's
-  1 / ((1 - f) + f (N - U) / N); efficiency = measured / ideal. The gain (measured speedup - 1, in %) is
-  fitted by least squares against x over the ratios and the baseline's (0, 0), with R^2.
+  1 / ((1 - f) + f (N - U) / N); the measured speedup is the median over rounds of the round's full step
+  time / its nested step time (a round's variants run back to back, so slow drift of the machine cancels
+  in each ratio); efficiency = measured / ideal. The gain (measured speedup - 1, in %) is fitted by least
+  squares against x over the ratios and the baseline's (0, 0), with R^2.
 """
 
 import statistics
@@ -296,17 +298,20 @@ def summarise_steps(times: dict, ratios: list[float], n: int, device: str) -> di
     def med(x, key):
         return statistics.median(m[key] for m in times[x])
 
+    def paired(x, key):  # median over rounds of full / nested, each round's pair run back to back
+        return statistics.median(f[key] / m[key] for f, m in zip(times[0.0], times[x]))
+
     full_step, full_rollout = med(0.0, "step_s"), med(0.0, "rollout_s")
     share = statistics.median(m["rollout_s"] / m["step_s"] for m in times[0.0])
     rows = []
     for x in ratios:
         u = num_skipped(n, x)
         ideal = 1.0 / ((1.0 - share) + share * (n - u) / n)
-        measured = full_step / med(x, "step_s")
+        measured = paired(x, "step_s")
         rows.append(dict(ratio=x, num_layers=n, skipped=u, rollout_share=share, full_step_s=full_step,
                          nested_step_s=med(x, "step_s"), full_rollout_s=full_rollout, nested_rollout_s=med(x, "rollout_s"),
                          full_update_s=med(0.0, "update_s"), nested_update_s=med(x, "update_s"),
-                         rollout_speedup=full_rollout / med(x, "rollout_s"), rollout_ideal=n / (n - u),
+                         rollout_speedup=paired(x, "rollout_s"), rollout_ideal=n / (n - u),
                          ideal_speedup=ideal, measured_speedup=measured, efficiency=measured / ideal,
                          gain_pct=100.0 * (measured - 1.0), device=device))
     fit = None

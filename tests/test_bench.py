@@ -86,3 +86,14 @@ def test_step_mode_bad_input_exits_2(capsys):
     assert "multiple of micro_batch_size" in capsys.readouterr().err
     assert main(["bench", "--mode", "step", "--compare-generate"]) == 2
     assert "rollout-mode comparison" in capsys.readouterr().err
+
+
+def test_step_speedup_pairs_each_round_so_drift_cancels():
+    from nested_reft.bench import summarise_steps
+
+    slow = [1.0, 1.5, 2.0]  # the machine slows down round by round; every round's nested step is 10% faster
+    full = [{"step_s": 10 * s, "rollout_s": 5 * s, "update_s": 5 * s} for s in slow]
+    nested = [{"step_s": 10 * s / 1.1, "rollout_s": 5 * s / 1.2, "update_s": 5 * s} for s in slow[::1]]
+    out = summarise_steps({0.0: full, 0.15: nested}, [0.15], 28, "cpu")
+    assert out["rows"][0]["measured_speedup"] == pytest.approx(1.1)
+    assert out["rows"][0]["rollout_speedup"] == pytest.approx(1.2)
