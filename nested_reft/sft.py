@@ -77,6 +77,9 @@ class SFTConfig:
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
     progress: bool = doc(True, "show a progress bar (stderr)")
+    group_by_length: bool = doc(False, "batch examples of like length together (transformers' group_by_length): "
+                                       "less padding, every example still once per epoch (on the toy task it "
+                                       "hurt: docs/results.md)")
     layer_drop: float = doc(0.0, "skip ratio x of a fresh nested model (border 1) on every other update, so the result's nested models work too; 0 = off")
     lora_r: int = doc(0, LORA_HELP["lora_r"])
     lora_alpha: float | None = doc(None, LORA_HELP["lora_alpha"])
@@ -139,12 +142,27 @@ def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Shuffled index batches for one epoch; every process gets an equal share of one permutation."""
+#: group_by_length sorts within mega-batches of this many batches (as transformers' LengthGroupedSampler).
+MEGA_BATCH = 50
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """Shuffled index batches for one epoch; every process gets an equal share of one permutation. With
+    `lengths` (group_by_length), each run of MEGA_BATCH batches of the share is sorted by length before it
+    is cut, and the batches are then shuffled: a batch holds examples of like length (less padding), and
+    every example still comes once per epoch in a seeded random batch order."""
     gen = torch.Generator().manual_seed(seed * 100003 + epoch)
     order = torch.randperm(n, generator=gen).tolist()
     share = order[rank : (n // world) * world : world] if world > 1 else order
-    return [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    if lengths is not None:
+        mega = MEGA_BATCH * batch_size
+        share = [i for k in range(0, len(share), mega)
+                 for i in sorted(share[k:k + mega], key=lambda j: -lengths[j])]
+    batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    if lengths is not None:
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=gen).tolist()]
+    return batches
 
 
 def prepare(cfg: SFTConfig, tokenizer) -> tuple[list, int]:
@@ -276,12 +294,13 @@ def make_optimizer(model, cfg: SFTConfig) -> torch.optim.AdamW:
 def train_epochs(model, accelerator, optimizer, items: list, cfg: SFTConfig, pad_id: int) -> tuple[list[float], int, int]:
     """The training loop; returns (loss per applied update, tokens processed here, skipped updates)."""
     rank, world = accelerator.process_index, accelerator.num_processes
+    lengths = [len(ids) for ids, _ in items] if cfg.group_by_length else None
     per_epoch = math.ceil(len(epoch_batches(len(items), cfg.batch_size, 0, cfg.seed, rank, world)) / cfg.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(per_epoch * cfg.epochs, cfg.warmup_ratio))
     losses, tokens, skipped = [], 0, 0
     bar = tqdm(total=per_epoch * cfg.epochs, desc="sft", disable=not (cfg.progress and accelerator.is_main_process))
     for epoch in range(cfg.epochs):
-        batches = epoch_batches(len(items), cfg.batch_size, epoch, cfg.seed, rank, world)
+        batches = epoch_batches(len(items), cfg.batch_size, epoch, cfg.seed, rank, world, lengths)
         for u in range(0, len(batches), cfg.grad_accum_steps):
             micro = [collate([items[i] for i in b], pad_id) for b in batches[u : u + cfg.grad_accum_steps]]
             micro = [{k: v.to(accelerator.device) for k, v in m.items()} for m in micro]

@@ -324,3 +324,17 @@ def test_bad_lora_config_fails_before_writing(toy, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         run_sft(config(toy, tmp_path / "sft", **kw))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_group_by_length_keeps_the_epoch_and_cuts_the_padding():
+    lengths = [int(x) for x in torch.randint(10, 200, (400,), generator=torch.Generator().manual_seed(0))]
+    plain, grouped = epoch_batches(400, 8, 0, 1), epoch_batches(400, 8, 0, 1, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(400)) and len(grouped) == len(plain)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert grouped == epoch_batches(400, 8, 0, 1, lengths=lengths) != epoch_batches(400, 8, 1, 1, lengths=lengths)
+    longest = [max(lengths[i] for i in b) for b in grouped]
+    assert longest != sorted(longest, reverse=True)  # the batches are shuffled, not served longest first
