@@ -247,6 +247,36 @@ SKIP_POLICIES = ("uniform", "importance", "fixed")  # layer_skip.py
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo")
 
 
+def check_nested_fields(e: list, cfg, policies=SKIP_POLICIES) -> None:
+    """The Nested-ReFT fields any config carries (TrainConfig, integrations.trl.NestedGRPOConfig): skip ratio,
+    border, skip policy and its settings, mitigation and its caps, IS level; appends to `e`."""
+    check_range(e, "skip_ratio", cfg.skip_ratio, 0.0, 0.99)
+    if isinstance(cfg.border, bool) or not isinstance(cfg.border, int):
+        e.append(f"border={cfg.border!r} must be an integer >= 0")
+    else:
+        check_range(e, "border", cfg.border, 0)
+    check_choice(e, "mitigation", cfg.mitigation, MITIGATIONS)
+    check_choice(e, "skip_policy", cfg.skip_policy, policies)
+    check_range(e, "skip_temperature", cfg.skip_temperature, 0.0, low_open=True)
+    if cfg.skip_policy == "fixed" and not cfg.skip_layers:
+        e.append("skip_policy=fixed needs skip_layers (the layer indices to skip every step)")
+    if cfg.skip_layers is not None and cfg.skip_policy != "fixed":
+        e.append(f"skip_layers={cfg.skip_layers} is used only by skip_policy=fixed (got {cfg.skip_policy!r})")
+    if cfg.skip_layers and len(set(cfg.skip_layers)) != len(cfg.skip_layers):
+        e.append(f"skip_layers={cfg.skip_layers} repeats a layer")
+    check_range(e, "lam", cfg.lam, 0.0, low_open=True)
+    check_range(e, "is_cap", cfg.is_cap, 0.0, low_open=True)
+    if cfg.is_cap_low is not None:
+        check_range(e, "is_cap_low", cfg.is_cap_low, 0.0, low_open=True)
+    caps_ok = not any(x.startswith(("is_cap=", "is_cap_low=")) for x in e)
+    if caps_ok and cfg.is_cap_low is not None and cfg.is_cap_low > cfg.is_cap:
+        e.append(f"is_cap_low={cfg.is_cap_low!r} must be <= is_cap={cfg.is_cap!r}")
+    elif caps_ok and cfg.mitigation == "mis" and cfg.is_cap_low is None and cfg.is_cap < 1:
+        e.append(f"is_cap={cfg.is_cap!r} < 1 with is_cap_low unset (1/is_cap = {1 / cfg.is_cap:g} > is_cap) "
+                 "leaves mis no ratio to keep; set is_cap_low <= is_cap")
+    check_choice(e, "is_level", cfg.is_level, IS_LEVELS)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The Nested-ReFT RL stage (Algorithm 1, step 2). Defaults follow the paper (SPEC section 2)."""
@@ -327,29 +357,8 @@ class TrainConfig:
         e: list[str] = []
         if not self.model:
             e.append("model is required (a model directory or hub id)")
-        check_range(e, "skip_ratio", self.skip_ratio, 0.0, 0.99)
-        check_range(e, "border", self.border, 0)
-        check_choice(e, "mitigation", self.mitigation, MITIGATIONS)
-        check_choice(e, "skip_policy", self.skip_policy, SKIP_POLICIES)
-        check_range(e, "skip_temperature", self.skip_temperature, 0.0, low_open=True)
+        check_nested_fields(e, self)
         check_range(e, "profile_every", self.profile_every, 1)
-        if self.skip_policy == "fixed" and not self.skip_layers:
-            e.append("skip_policy=fixed needs skip_layers (the layer indices to skip every step)")
-        if self.skip_layers is not None and self.skip_policy != "fixed":
-            e.append(f"skip_layers={self.skip_layers} is used only by skip_policy=fixed (got {self.skip_policy!r})")
-        if self.skip_layers and len(set(self.skip_layers)) != len(self.skip_layers):
-            e.append(f"skip_layers={self.skip_layers} repeats a layer")
-        check_range(e, "lam", self.lam, 0.0, low_open=True)
-        check_range(e, "is_cap", self.is_cap, 0.0, low_open=True)
-        if self.is_cap_low is not None:
-            check_range(e, "is_cap_low", self.is_cap_low, 0.0, low_open=True)
-        caps_ok = not any(x.startswith(("is_cap=", "is_cap_low=")) for x in e)
-        if caps_ok and self.is_cap_low is not None and self.is_cap_low > self.is_cap:
-            e.append(f"is_cap_low={self.is_cap_low!r} must be <= is_cap={self.is_cap!r}")
-        elif caps_ok and self.mitigation == "mis" and self.is_cap_low is None and self.is_cap < 1:
-            e.append(f"is_cap={self.is_cap!r} < 1 with is_cap_low unset (1/is_cap = {1 / self.is_cap:g} > is_cap) "
-                     "leaves mis no ratio to keep; set is_cap_low <= is_cap")
-        check_choice(e, "is_level", self.is_level, IS_LEVELS)
         check_range(e, "num_generations", self.num_generations, 2)
         check_range(e, "max_new_tokens", self.max_new_tokens, 1)
         check_range(e, "min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nested_reft.config import ConfigError, check_choice, check_range, invalid
+from nested_reft.config import ConfigError, check_choice, check_nested_fields, check_range, invalid
 
 SUPPORTED_TRL = ">=1.16,<1.17"
 _SUPPORTED_RELEASE = (1, 16)
@@ -98,7 +98,6 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.extras.profiling import profiling_context  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
-from nested_reft.config import IS_LEVELS, MITIGATIONS  # noqa: E402
 from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at  # noqa: E402
 from nested_reft.nested import find_layers  # noqa: E402
 from nested_reft.objectives import combine_offpolicy, finish_offpolicy, importance_weights, offpolicy_sums  # noqa: E402
@@ -161,35 +160,10 @@ class NestedGRPOConfig(GRPOConfig):
     def nested_field_errors(self) -> list[str]:
         """Problems of the Nested-ReFT fields and of the TRL settings they rule out (needs no model)."""
         e: list[str] = []
-        check_range(e, "skip_ratio", self.skip_ratio, 0.0, 0.99)
-        if isinstance(self.border, bool) or not isinstance(self.border, int):
-            e.append(f"border={self.border!r} must be an integer >= 0")
-        else:
-            check_range(e, "border", self.border, 0)
-        check_choice(e, "mitigation", self.mitigation, MITIGATIONS)
-        check_range(e, "lam", self.lam, 0.0, low_open=True)
-        check_choice(e, "is_level", self.is_level, IS_LEVELS)
-        check_range(e, "is_cap", self.is_cap, 0.0, low_open=True)
-        if self.is_cap_low is not None:
-            check_range(e, "is_cap_low", self.is_cap_low, 0.0, low_open=True)
-        caps_ok = not any(x.startswith(("is_cap=", "is_cap_low=")) for x in e)
-        if caps_ok and self.is_cap_low is not None and self.is_cap_low > self.is_cap:
-            e.append(f"is_cap_low={self.is_cap_low!r} must be <= is_cap={self.is_cap!r}")
-        elif caps_ok and self.mitigation == "mis" and self.is_cap_low is None and self.is_cap < 1:
-            e.append(f"is_cap={self.is_cap!r} < 1 with is_cap_low unset (1/is_cap > is_cap) leaves mis no ratio to "
-                     "keep; set is_cap_low <= is_cap")
         if self.skip_policy == "importance":
             e.append("skip_policy='importance' is supported by `nested-reft train` only (it measures each layer's "
                      "Block Influence in the update's forward pass); use 'uniform' or 'fixed' here")
-        else:
-            check_choice(e, "skip_policy", self.skip_policy, TRL_SKIP_POLICIES)
-        check_range(e, "skip_temperature", self.skip_temperature, 0.0, low_open=True)
-        if self.skip_policy == "fixed" and not self.skip_layers:
-            e.append("skip_policy=fixed needs skip_layers (the layer indices to skip every step)")
-        if self.skip_layers is not None and self.skip_policy != "fixed":
-            e.append(f"skip_layers={self.skip_layers} is used only by skip_policy=fixed (got {self.skip_policy!r})")
-        if self.skip_layers and len(set(self.skip_layers)) != len(self.skip_layers):
-            e.append(f"skip_layers={self.skip_layers} repeats a layer")
+        check_nested_fields(e, self, policies=TRL_SKIP_POLICIES + ("importance",))
         ratio_ok = not any(x.startswith("skip_ratio=") for x in e)
         if ratio_ok and self.use_vllm and self.skip_ratio > 0:
             e.append(f"use_vllm=True with skip_ratio={self.skip_ratio} > 0 is not supported yet: vLLM would sample "
