@@ -81,6 +81,11 @@ class BenchConfig:
         if self.mode not in ("rollout", "step"):
             raise ValueError(f"mode={self.mode!r}; choose rollout or step")
         if self.mode == "step":
+            if any(x <= 0 for x in self.ratios) or len(set(self.ratios)) != len(self.ratios):
+                raise ValueError(f"--mode step compares the full model (x = 0, always run) with distinct ratios "
+                                 f"> 0; got {self.ratios}")
+            if self.dtype == "float16":
+                raise ValueError("--mode step trains in float32 or bfloat16 (train --bf16); float16 is not offered")
             if self.compare_generate:
                 raise ValueError("--compare-generate is a rollout-mode comparison; drop it with --mode step")
             if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
@@ -314,11 +319,8 @@ def summarise_steps(times: dict, ratios: list[float], n: int, device: str) -> di
                          rollout_speedup=paired(x, "rollout_s"), rollout_ideal=n / (n - u),
                          ideal_speedup=ideal, measured_speedup=measured, efficiency=measured / ideal,
                          gain_pct=100.0 * (measured - 1.0), device=device))
-    fit = None
-    if len({r["ratio"] for r in rows}) >= 1:
-        slope, intercept, r2 = linear_fit([0.0] + [r["ratio"] for r in rows], [0.0] + [r["gain_pct"] for r in rows])
-        fit = dict(slope_pct_per_x=slope, intercept_pct=intercept, r2=r2, points=len(rows) + 1)
-    return {"rows": rows, "fit": fit}
+    slope, intercept, r2 = linear_fit([0.0] + [r["ratio"] for r in rows], [0.0] + [r["gain_pct"] for r in rows])
+    return {"rows": rows, "fit": dict(slope_pct_per_x=slope, intercept_pct=intercept, r2=r2, points=len(rows) + 1)}
 
 
 def format_step_table(result: dict) -> str:
@@ -330,11 +332,10 @@ def format_step_table(result: dict) -> str:
                      f"{r['full_step_s']:.3f} | {r['nested_step_s']:.3f} | {r['ideal_speedup']:.3f} | "
                      f"{r['measured_speedup']:.3f} | {r['efficiency']:.3f} | {r['rollout_speedup']:.3f} "
                      f"({r['rollout_ideal']:.3f}) |")
-    if fit:
-        r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
-        lines.append(f"\nstep-time gain against x (least squares over {fit['points']} points, the baseline's (0, 0) "
-                     f"included): {fit['slope_pct_per_x'] / 10:+.2f}% per +0.10 of x, intercept "
-                     f"{fit['intercept_pct']:+.2f}%, R^2 = {r2}")
+    r2 = "n/a" if fit["r2"] is None else f"{fit['r2']:.3f}"
+    lines.append(f"\nstep-time gain against x (least squares over {fit['points']} points, the baseline's (0, 0) "
+                 f"included): {fit['slope_pct_per_x'] / 10:+.2f}% per +0.10 of x, intercept "
+                 f"{fit['intercept_pct']:+.2f}%, R^2 = {r2}")
     lines.append(f"\ndevice: {rows[0]['device']}")
     return "\n".join(lines)
 

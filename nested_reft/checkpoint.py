@@ -97,8 +97,9 @@ def save_checkpoint(run, step: int, state: dict) -> Path | None:
     acc.wait_for_everyone()
     final = checkpoint_dir(run.out, step)
     if not weights_finite(run.model, acc, run.fsdp):
-        raise TrainingError(f"refusing to checkpoint step {step}: the weights are not finite (diverged); resume "
-                            f"from {latest_checkpoint(run.out)} with a lower lr")
+        last = latest_checkpoint(run.out)
+        where = f"resume from {last} with a lower lr" if last else "start again with a lower lr"
+        raise TrainingError(f"refusing to checkpoint step {step}: the weights are not finite (diverged); {where}")
     model_sd, optim_sd = full_state(run, optimizer=True)
     if acc.is_main_process:
         tmp = final.parent / f".tmp-{final.name}"
@@ -136,14 +137,23 @@ class written_or_removed:
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished directory `tmp` to `final`. An existing `final` (a step saved again after a resume)
-    is renamed aside first and removed last, so a kill at any instant leaves either the old or the new
-    directory under the real name, never a half-deleted one (a leftover `.old-*` is removed at the next start)."""
+    is renamed aside to `.old-<name>` first and removed last, so a kill never leaves a half-deleted
+    directory: at any instant the old or the new one is whole, under its real name or (between the two
+    renames) as `.old-<name>`, which `recover_replaced` puts back at the next start."""
     old = final.parent / f".old-{final.name}"
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(final: Path) -> None:
+    """Finish or undo a replace_dir that a kill interrupted: `.old-<name>` goes back to `final` when `final`
+    is missing, and is removed when `final` is there."""
+    old = final.parent / f".old-{final.name}"
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True) if final.exists() else os.replace(old, final)
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -262,6 +272,10 @@ def prepare_output(run) -> tuple[int, dict, list[dict]]:
     - a resume refuses changed run-defining fields (each named, old and new value) and a checkpoint
       beyond `steps`; a torn last metrics line (a kill while writing it) is dropped and said."""
     cfg, out = run.cfg, run.out
+    if run.accelerator.is_main_process:  # a kill between replace_dir's renames leaves `.old-*` holding the data
+        for old in [*(out / CHECKPOINTS).glob(".old-*"), out / ".old-final"]:
+            recover_replaced(old.parent / old.name.removeprefix(".old-"))
+    run.accelerator.wait_for_everyone()
     ckpt = latest_checkpoint(out)
     started = (out / "metrics.jsonl").exists() or (out / "summary.json").exists()
     if ckpt is not None and not cfg.resume:
@@ -278,8 +292,7 @@ def prepare_output(run) -> tuple[int, dict, list[dict]]:
     if run.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         with written_or_removed(None, f"preparing the run directory {out}"):
-            stale = [*(out / CHECKPOINTS).glob(".tmp-*"), *(out / CHECKPOINTS).glob(".old-*"), out / ".tmp-final",
-                     out / ".old-final"] + ([] if ckpt else [out / "summary.json"])
+            stale = [*(out / CHECKPOINTS).glob(".tmp-*"), out / ".tmp-final"] + ([] if ckpt else [out / "summary.json"])
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             save_yaml(cfg, out / "config.yaml")

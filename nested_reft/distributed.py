@@ -42,9 +42,15 @@ def make_accelerator(device: str, bf16: str, collective_timeout_s: int):
 
 
 def use_fsdp() -> bool:
-    """Whether the launcher asked for FSDP (accelerate's environment); only FSDP2 is supported."""
+    """Whether to shard: the launcher asked for FSDP and more than one process runs."""
     import torch.distributed as dist
 
+    return fsdp_requested() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (accelerate's environment, readable before any process group
+    exists); only FSDP2 is supported."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return False
     if os.environ.get("FSDP_VERSION", "1") != "2":
@@ -53,7 +59,7 @@ def use_fsdp() -> bool:
     if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
         raise ConfigError("FSDP: fsdp_cpu_ram_efficient_loading is not supported (every process loads the "
                           "model, then shards it); set it to false")
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return True
 
 
 def shard_model(model, device) -> None:

@@ -43,6 +43,12 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("PreallocatedLayer serves the rollout loop (update, batch_select_indices); "
+                                  "use a DynamicCache for beam search, cache repetition or offloading")
+
+    reorder_cache = batch_repeat_interleave = offload = prefetch = crop = _unsupported
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows `indices` (finished rows leave the batch)."""
         if self.is_initialized:

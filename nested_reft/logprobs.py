@@ -88,8 +88,8 @@ def _banned_rows(lo, hi, length, banned, banned_until, device) -> torch.Tensor |
     the host (a copy to the device, no device sync)."""
     if banned is None or banned.numel() == 0 or banned_until <= 0:
         return None
-    rows = [i - lo for i in range(lo, hi) if i % length < banned_until]
-    return torch.tensor(rows, dtype=torch.long, device=device) if rows else None
+    rows = (torch.arange(lo, hi) % length < banned_until).nonzero().squeeze(1)  # [k], on the host
+    return rows.to(device) if rows.numel() else None
 
 
 class _ChunkedLogprobs(torch.autograd.Function):

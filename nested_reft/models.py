@@ -255,8 +255,9 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
         parts = key.split(".")
         if any(p.startswith("lora_") for p in parts):
             continue  # tied weights stay one tensor, so that save_pretrained writes them once
-        copy = copies.setdefault(value.data_ptr(), value.detach().to("cpu", copy=True))
-        out[key.replace(".base_layer.", ".")] = copy
+        if value.data_ptr() not in copies:
+            copies[value.data_ptr()] = value.detach().to("cpu", copy=True)
+        out[key.replace(".base_layer.", ".")] = copies[value.data_ptr()]
     for name, m in lora.items():
         weight = out[f"{name}.weight"]
         out[f"{name}.weight"] = weight + m.get_delta_weight("default").to("cpu", weight.dtype)

@@ -216,7 +216,7 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
         logps[rows, t] = logp.masked_fill(done, 0.0)
         done = done | torch.isin(tok, eos)
         finished_rows = int(done.sum())
-        if end is None and finished_rows == rows.numel() and bool(done.all()):
+        if end is None and finished_rows == rows.numel():
             end = t + 1
         finished = end is not None if all_done is None else all_done(end is not None)  # collective under FSDP
         if t + 1 == length or finished:

@@ -187,11 +187,12 @@ def save_atomically(model, tokenizer, summary: dict, output_dir: Path, merge_lor
     """save_pretrained into a temporary sibling, then rename it into place (replacing an old one). A file
     system failure removes the temporary directory and raises CheckpointError. With LoRA the directory holds
     the adapter, and with `merge_lora` also merged/: base + adapter as one plain HF model."""
-    from nested_reft.checkpoint import replace_dir, written_or_removed
+    from nested_reft.checkpoint import recover_replaced, replace_dir, written_or_removed
 
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
     with written_or_removed(tmp, f"writing the SFT checkpoint {output_dir}"):
         output_dir.parent.mkdir(parents=True, exist_ok=True)
+        recover_replaced(output_dir)  # an earlier save killed between its renames
         shutil.rmtree(tmp, ignore_errors=True)
         save_pretrained(model, tokenizer, tmp)
         if merge_lora:

@@ -31,13 +31,13 @@ Choices:
 """
 
 import math
-import os
 import signal
 import sys
 import threading
 import time
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -48,9 +48,10 @@ from nested_reft.checkpoint import (TrainingError, latest_checkpoint, prepare_ou
                                    write_summary, written_or_removed)
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
-from nested_reft.distributed import (collective_failures, full_tensor, gather_rows, gather_tensor, global_sum,
-                                     make_accelerator, shard_model, use_fsdp)
+from nested_reft.distributed import (collective_failures, fsdp_requested, full_tensor, gather_rows, gather_tensor,
+                                     global_sum, make_accelerator, shard_model, use_fsdp)
 from nested_reft.importance import measuring
+from nested_reft.logprobs import supports_scored_head
 from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at
 from nested_reft.metrics import Means, MetricsLog, clipped_completions, reward_stats
 from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer, require_peft,
@@ -132,7 +133,7 @@ def check_lora_setup(cfg: TrainConfig) -> None:
     """LoRA's checks that need the environment, not the model: peft installed, no FSDP launch."""
     if cfg.lora_r <= 0:
         return
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if fsdp_requested():
         raise ConfigError(f"lora_r={cfg.lora_r}: LoRA with FSDP is not supported (the adapters are small: launch "
                           "with DDP, e.g. configs/accelerate/ddp-multigpu.yaml, or drop --lora-r to shard a full "
                           "fine-tuning run)")
@@ -323,22 +324,25 @@ class MicroBatch(NamedTuple):
     completion_mask: torch.Tensor  # [n, L']
 
 
-def micro_batches(rollout: Rollout, size: int, pack: bool = True) -> list[MicroBatch]:
+def micro_batches(rollout: Rollout, size: int, pack: bool = True, logits_bound: bool = False) -> list[MicroBatch]:
     """The rollout's rows in micro-batches, grouped by completion length (longest first, a stable sort) and
     each trimmed to its own longest prompt and completion: a padding position costs a forward and backward
     like a real token. With `pack`, a micro-batch takes rows while its trimmed size stays within `size`
     untrimmed rows' tokens (the memory a fixed `size`-row micro-batch needs), so short rows share fewer,
     larger passes; without it (FSDP, where every process must run the same number of passes) each has
     `size` rows. Which rows share a micro-batch does not change the update: every loss and metric is a
-    sum over rows (loss_scale, Means)."""
+    sum over rows (loss_scale, Means). `logits_bound`: a model scored through its full logits (no fused
+    head) also keeps the completion positions, and so the [n, L', V] logits, within a fixed batch's."""
     lengths = rollout.completion_mask.sum(1).tolist()  # [N]
     prompt_lengths = rollout.prompt_mask.sum(1).tolist()  # [N]
     order = torch.sort(torch.tensor(lengths), descending=True, stable=True).indices.tolist()
     budget = size * (rollout.prompt_ids.size(1) + rollout.completion_ids.size(1))  # tokens of an untrimmed batch
+    logits_budget = size * rollout.completion_ids.size(1) if logits_bound else math.inf
     groups, group, width = [], [], (0, 0)
     for row in order:
         wider = (max(width[0], prompt_lengths[row], 1), max(width[1], lengths[row], 1))
-        full = len(group) == size if not pack else (len(group) + 1) * sum(wider) > budget
+        over = (len(group) + 1) * sum(wider) > budget or (len(group) + 1) * wider[1] > logits_budget
+        full = len(group) == size if not pack else over
         if group and full:
             groups.append((group, width))
             group, wider = [], (max(prompt_lengths[row], 1), max(lengths[row], 1))
@@ -348,6 +352,11 @@ def micro_batches(rollout: Rollout, size: int, pack: bool = True) -> list[MicroB
     return [MicroBatch(idx, rollout.prompt_ids[idx, -prompt:], rollout.prompt_mask[idx, -prompt:],
                        rollout.completion_ids[idx, :length], rollout.completion_mask[idx, :length])
             for idx, (prompt, length) in ((torch.tensor(g, device=device), w) for g, w in groups)]
+
+
+def micro_rows(mb: MicroBatch, values: torch.Tensor | None) -> torch.Tensor | None:
+    """A micro-batch's rows of a whole-batch tensor: [B*G, L] -> [n, L'] (None stays None)."""
+    return None if values is None else values[mb.index, : mb.completion_ids.size(1)]
 
 
 def full_logprobs(run: Run, model, mb: MicroBatch, entropy=False):
@@ -361,7 +370,7 @@ def full_logprobs(run: Run, model, mb: MicroBatch, entropy=False):
 def batch_logprobs(run: Run, model, rollout: Rollout, size: int) -> torch.Tensor:
     """full_logprobs of the whole rollout [B*G, L] (0 on padding), in micro-batches of `size` rows' tokens."""
     out = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
-    for mb in micro_batches(rollout, size, pack=not run.fsdp):
+    for mb in micro_batches(rollout, size, pack=not run.fsdp, logits_bound=not supports_scored_head(model)):
         out[mb.index, : mb.completion_ids.size(1)] = full_logprobs(run, model, mb).float()
     return out
 
@@ -404,16 +413,12 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp, meter=None) -
     total_tokens = global_sum(acc, rollout.completion_mask.sum())
     total_rows = global_sum(acc, rollout.completion_ids.size(0))
     losses, applied_all, norm, means = [], True, 0.0, Means()
-    batches = micro_batches(rollout, rows, pack=not run.fsdp)
+    batches = micro_batches(rollout, rows, pack=not run.fsdp, logits_bound=not supports_scored_head(run.model))
     targets = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
     for it in range(cfg.num_iterations):
         for k, mb in enumerate(batches):
             idx, mask = mb.index, mb.completion_mask  # [n], [n, L']
-            cols = slice(0, mask.size(1))
-
-            def rows_of(t):  # [B*G, L] -> this micro-batch's [n, L']
-                return None if t is None else t[idx, cols]
-
+            rows_of = partial(micro_rows, mb)
             if meter is not None:  # hidden states are [n, P'+L']: count the completion positions, first pass only
                 meter.set_mask(torch.cat([torch.zeros_like(mb.prompt_mask), mask * (it == 0)], dim=1))
             sync = run.fsdp or k == len(batches) - 1  # FSDP: reduce-scatter every micro-batch
@@ -432,7 +437,7 @@ def update(run: Run, rollout: Rollout, advantages, old_lp, ref_lp, meter=None) -
             means.add_all(extra, tokens, ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"))
             means.add("entropy", float((entropy * mask).sum()) / max(tokens, 1.0), tokens)
             if it == 0:
-                targets[idx, cols] = target.float()
+                targets[idx, : mask.size(1)] = target.float()
         norm, applied = finish_update(run)
         applied_all = applied_all and applied
     loss = global_sum(acc, torch.stack(losses).sum()) / cfg.num_iterations
@@ -616,10 +621,11 @@ class Loop:
     def check_diverged(self, step: int) -> None:
         k = self.state["consecutive_skipped"]
         if k >= self.run.cfg.max_skipped_updates:
+            last = latest_checkpoint(self.run.out)
+            where = f"resume from {last}" if last else "start again (no checkpoint yet)"
             raise TrainingError(
                 f"{k} consecutive updates were skipped (non-finite loss or gradient), the last at step {step + 1}: "
-                f"the run has most likely diverged (lower lr?); resume from {latest_checkpoint(self.run.out)} "
-                f"or raise max_skipped_updates")
+                f"the run has most likely diverged (lower lr?); {where} or raise max_skipped_updates")
 
     def finish(self) -> dict:
         """The last checkpoint, the final model and the summary."""

@@ -285,8 +285,20 @@ def test_saving_a_step_again_never_leaves_a_half_deleted_checkpoint(tmp_path, mo
         checkpoint.replace_dir(tmp, final)
     assert not final.exists() and (tmp_path / ".old-step-000002" / "trainer_state.json").read_text() == "old"
     monkeypatch.setattr(checkpoint.os, "replace", real)
+    checkpoint.recover_replaced(final)  # the next start puts the old directory back under its name
+    assert (final / "trainer_state.json").read_text() == "old" and not (tmp_path / ".old-step-000002").exists()
     checkpoint.replace_dir(tmp, final)
     assert (final / "trainer_state.json").read_text() == "new" and not (tmp_path / ".old-step-000002").exists()
+
+
+def test_recover_replaced_drops_the_old_copy_when_the_new_one_is_in_place(tmp_path):
+    final, old = tmp_path / "final", tmp_path / ".old-final"
+    for d, text in ((final, "new"), (old, "old")):
+        d.mkdir()
+        (d / "x").write_text(text)
+    checkpoint.recover_replaced(final)
+    assert (final / "x").read_text() == "new" and not old.exists()
+    checkpoint.recover_replaced(final)  # nothing to do is fine
 
 
 def test_runtime_survives_a_resume(toy_dir, tmp_path):

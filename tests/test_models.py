@@ -86,7 +86,8 @@ def test_merged_model_equals_base_plus_adapter_and_loads_as_a_plain_model(tmp_pa
         plain = wrapped.get_base_model()
         with wrapped.disable_adapter():
             base_logits = plain(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)  # fp32 rounding of W x + s B A x vs (W + s B A) x
+    # fp32 rounding of W x + s B A x vs (W + s B A) x through 28 layers: ~2e-5 seen; the adapter's effect is 1000x that
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert (want - base_logits).abs().max() > 1e-2  # the adapter does change the model
     # the adapter directory itself is a --model: its base with the adapter merged in
     assert is_adapter_dir(tmp_path / "adapter") and not is_adapter_dir(tmp_path / "adapter" / "merged")

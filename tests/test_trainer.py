@@ -738,6 +738,7 @@ def test_lora_with_fsdp_or_without_peft_is_refused_before_any_work(toy_dir, tmp_
     monkeypatch.setattr(trainer, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     with monkeypatch.context() as env:
         env.setenv("ACCELERATE_USE_FSDP", "true")
+        env.setenv("FSDP_VERSION", "2")
         with pytest.raises(ConfigError, match="lora_r=8: LoRA with FSDP is not supported"):
             trainer.setup(small_cfg(toy_dir, tmp_path / "r", lora_r=8))
     monkeypatch.setitem(sys.modules, "peft", None)

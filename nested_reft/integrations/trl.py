@@ -291,6 +291,10 @@ class NestedGRPOTrainer(GRPOTrainer):
 
         if not args.uses_nested_engine:
             return
+        if self.is_fsdp_enabled and _base_model(self.model) is not self.model:
+            raise ValueError("NestedGRPOTrainer: a PEFT model under FSDP is not supported (the rollout engine runs "
+                             "the model inside the PEFT wrapper, whose FSDP unit would not gather its parameters); "
+                             "use DDP for LoRA runs")
         if self._is_vlm:
             raise ValueError("NestedGRPOTrainer: vision-language models are not supported; the nested rollout "
                              "engine is text-only")
