@@ -15,6 +15,9 @@ Choices:
   process's mean.
 - metrics.jsonl is strict JSON: NaN and infinities are written as null (Python's json would write the
   bare, invalid `NaN`). One flushed, fsync'ed line per step, written by process 0.
+- The run's totals for summary.json (tokens, rollout time, rewards, each off-policy metric's sum over the
+  steps that logged it) live in a plain dict that checkpoints carry, so a resumed run's summary covers
+  the whole run.
 """
 
 import json
@@ -100,3 +103,67 @@ class MetricsLog:
                 f.write(json.dumps(jsonable(metrics), allow_nan=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def nan_reduce(values: torch.Tensor, reduce) -> float | None:
+    """reduce() over the non-NaN entries (a process with no completion tokens has none); None if all are."""
+    values = values[~values.isnan()]
+    return float(reduce(values)) if values.numel() else None
+
+
+def make_tracker(cfg, out: Path, enabled: bool):
+    """A `log(metrics, step)` callable for TensorBoard / W&B (the run config's `report_to`), or None."""
+    if not enabled or cfg.report_to == "none":
+        return None
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda m, s: [writer.add_scalar(k, v, s) for k, v in m.items() if isinstance(v, (int, float))]
+    import wandb
+
+    wandb.init(project="nested-reft", dir=str(out), config=vars(cfg))
+    return lambda m, s: wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=s)
+
+
+def accumulate_run(state: dict, m: dict) -> None:
+    """Add one step's metrics line to the run's running totals (kept in checkpoints, read by summary.json)."""
+    state["step_time_s"] = state.get("step_time_s", 0.0) + m["step_s"]
+    state["tokens_processed"] += m["tokens_processed"]
+    state["tokens_generated"] += m["tokens_generated"]
+    state["rollout_s"] += m["rollout_s"]
+    state["skipped_updates"] += int(m["skipped_update"])
+    state["consecutive_skipped"] = state.get("consecutive_skipped", 0) + 1 if m["skipped_update"] else 0
+    state["rewards"].append(m["reward_mean"])
+    sums = state.setdefault("offpolicy_sums", {})  # summary key: [sum over steps, steps]; JSON in checkpoints
+    for metric, key in OFFPOLICY_SUMMARY.items():
+        value = m.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            total = sums.setdefault(key, [0.0, 0])
+            total[0] += float(value)
+            total[1] += 1
+
+
+def run_mean(state: dict, key: str) -> float | None:
+    """Mean over steps of an `offpolicy_sums` entry (None when no step logged it, e.g. an old checkpoint)."""
+    total, steps = state.get("offpolicy_sums", {}).get(key, (0.0, 0))
+    return total / steps if steps else None
+
+
+#: Per-step off-policy metrics whose run mean (over the steps that logged it) goes to summary.json.
+OFFPOLICY_SUMMARY = {
+    "rollout_corr/kl": "offpolicy_kl_k1_mean",
+    "rollout_corr/k3_kl": "offpolicy_kl_k3_mean",
+    "rollout_corr/kl_old_behavior": "offpolicy_kl_old_behavior_mean",
+    "rollout_corr/chi2_token": "offpolicy_chi2_token_mean",
+    "rollout_corr/chi2_seq": "offpolicy_chi2_seq_mean",
+    "rollout_corr/ess_token": "offpolicy_ess_token_mean",
+    "rollout_corr/ess_seq": "offpolicy_ess_seq_mean",
+    "rollout_corr/ratio_outside_frac": "offpolicy_ratio_outside_frac_mean",
+    "rollout_corr/max_abs_log_ratio": "offpolicy_max_abs_log_ratio_mean",
+}
+
+
+def run_offpolicy_means(state: dict) -> dict[str, float | None]:
+    """summary.json's off-policy entries: each metric's mean over the steps that logged it."""
+    return {key: run_mean(state, key) for key in OFFPOLICY_SUMMARY.values()}

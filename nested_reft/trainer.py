@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from nested_reft.batching import MicroBatch, loss_scale, micro_batches, micro_rows
 from nested_reft.checkpoint import (TrainingError, latest_checkpoint, prepare_output, save_checkpoint, save_final_model,
                                    write_summary, written_or_removed)
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
@@ -51,9 +52,10 @@ from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, fsdp_requested, full_tensor, gather_rows, gather_tensor,
                                      global_sum, make_accelerator, shard_model, use_fsdp)
 from nested_reft.importance import measuring
-from nested_reft.logprobs import supports_scored_head
 from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at
-from nested_reft.metrics import Means, MetricsLog, clipped_completions, reward_stats
+from nested_reft.logprobs import supports_scored_head
+from nested_reft.metrics import (Means, MetricsLog, accumulate_run, clipped_completions, make_tracker, nan_reduce,
+                                 reward_stats, run_offpolicy_means)
 from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer, require_peft,
                                 trainable_parameters)
 from nested_reft.models import eos_ids as model_eos_ids
@@ -315,50 +317,6 @@ def eos_ids(run: Run) -> list[int]:
     return model_eos_ids(run.accelerator.unwrap_model(run.model), run.tokenizer)
 
 
-class MicroBatch(NamedTuple):
-    """Rows of a rollout scored together, trimmed to their own longest prompt and completion."""
-    index: torch.Tensor  # [n] the rows of the rollout
-    prompt_ids: torch.Tensor  # [n, P'] left-padded
-    prompt_mask: torch.Tensor  # [n, P']
-    completion_ids: torch.Tensor  # [n, L']
-    completion_mask: torch.Tensor  # [n, L']
-
-
-def micro_batches(rollout: Rollout, size: int, pack: bool = True, logits_bound: bool = False) -> list[MicroBatch]:
-    """The rollout's rows in micro-batches, grouped by completion length (longest first, a stable sort) and
-    each trimmed to its own longest prompt and completion: a padding position costs a forward and backward
-    like a real token. With `pack`, a micro-batch takes rows while its trimmed size stays within `size`
-    untrimmed rows' tokens (the memory a fixed `size`-row micro-batch needs), so short rows share fewer,
-    larger passes; without it (FSDP, where every process must run the same number of passes) each has
-    `size` rows. Which rows share a micro-batch does not change the update: every loss and metric is a
-    sum over rows (loss_scale, Means). `logits_bound`: a model scored through its full logits (no fused
-    head) also keeps the completion positions, and so the [n, L', V] logits, within a fixed batch's."""
-    lengths = rollout.completion_mask.sum(1).tolist()  # [N]
-    prompt_lengths = rollout.prompt_mask.sum(1).tolist()  # [N]
-    order = torch.sort(torch.tensor(lengths), descending=True, stable=True).indices.tolist()
-    budget = size * (rollout.prompt_ids.size(1) + rollout.completion_ids.size(1))  # tokens of an untrimmed batch
-    logits_budget = size * rollout.completion_ids.size(1) if logits_bound else math.inf
-    groups, group, width = [], [], (0, 0)
-    for row in order:
-        wider = (max(width[0], prompt_lengths[row], 1), max(width[1], lengths[row], 1))
-        over = (len(group) + 1) * sum(wider) > budget or (len(group) + 1) * wider[1] > logits_budget
-        full = len(group) == size if not pack else over
-        if group and full:
-            groups.append((group, width))
-            group, wider = [], (max(prompt_lengths[row], 1), max(lengths[row], 1))
-        group, width = group + [row], wider
-    groups.append((group, width))
-    device = rollout.completion_ids.device
-    return [MicroBatch(idx, rollout.prompt_ids[idx, -prompt:], rollout.prompt_mask[idx, -prompt:],
-                       rollout.completion_ids[idx, :length], rollout.completion_mask[idx, :length])
-            for idx, (prompt, length) in ((torch.tensor(g, device=device), w) for g, w in groups)]
-
-
-def micro_rows(mb: MicroBatch, values: torch.Tensor | None) -> torch.Tensor | None:
-    """A micro-batch's rows of a whole-batch tensor: [B*G, L] -> [n, L'] (None stays None)."""
-    return None if values is None else values[mb.index, : mb.completion_ids.size(1)]
-
-
 def full_logprobs(run: Run, model, mb: MicroBatch, entropy=False):
     """Teacher-forced full-depth log-probs [n, L'] of a micro-batch's completions under `model`, scored
     on the distribution the sampler used (temperature, EOS suppressed before min_new_tokens); with
@@ -385,13 +343,6 @@ def reference_logprobs(run: Run, rollout: Rollout, size: int) -> torch.Tensor | 
     policy = run.accelerator.unwrap_model(run.model)
     with policy.disable_adapter():
         return batch_logprobs(run, policy, rollout, size)
-
-
-def loss_scale(loss_type: str, mask: torch.Tensor, total_tokens: float, total_rows: float) -> float:
-    """Weight of a micro-batch's mean loss so that micro-batches sum to the full-batch loss."""
-    if loss_type == "bnpo":
-        return float(mask.sum()) / max(total_tokens, 1.0)
-    return mask.size(0) / total_rows  # grpo and dr_grpo average over sequences
 
 
 class Update(NamedTuple):
@@ -472,11 +423,10 @@ def rl_step(run: Run, step: int) -> dict:
     rewards = score(run, prompts, rollout)
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
     t1 = time.perf_counter()
-    micro_rows = cfg.micro_batch_size * cfg.num_generations
+    rows = cfg.micro_batch_size * cfg.num_generations
     with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
-        old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout,
-                                                                     micro_rows)
-        ref_lp = reference_logprobs(run, rollout, micro_rows)
+        old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout, rows)
+        ref_lp = reference_logprobs(run, rollout, rows)
     run.model.train()
     measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
     with measuring(acc.unwrap_model(run.model), measure) as meter:
@@ -552,34 +502,13 @@ def step_metrics(run, step, skip, rewards, rollout, hm, upd: Update, rollout_s, 
         "clip_ratio/low_mean": means.get("clip_frac_low"),
         "clip_ratio/high_mean": means.get("clip_frac_high"),
         "clip_ratio/region_mean": means.get("clip_frac"),
-        "clip_ratio/low_min": _nan_reduce(rows[:, 8], torch.min),
-        "clip_ratio/high_max": _nan_reduce(rows[:, 9], torch.max),
+        "clip_ratio/low_min": nan_reduce(rows[:, 8], torch.min),
+        "clip_ratio/high_max": nan_reduce(rows[:, 9], torch.max),
         **({"kl": means.get("kl")} if cfg.beta > 0 else {}),
     }
 
 
-def _nan_reduce(values: torch.Tensor, reduce) -> float | None:
-    """reduce() over the non-NaN entries (a process with no completion tokens has none); None if all are."""
-    values = values[~values.isnan()]
-    return float(reduce(values)) if values.numel() else None
-
-
 # ---- the loop -----------------------------------------------------------------------------------
-
-
-def make_tracker(cfg: TrainConfig, out: Path, enabled: bool):
-    """A `log(metrics, step)` callable for TensorBoard / W&B, or None."""
-    if not enabled or cfg.report_to == "none":
-        return None
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"))
-        return lambda m, s: [writer.add_scalar(k, v, s) for k, v in m.items() if isinstance(v, (int, float))]
-    import wandb
-
-    wandb.init(project="nested-reft", dir=str(out), config=vars(cfg))
-    return lambda m, s: wandb.log({k: v for k, v in m.items() if not isinstance(v, list)}, step=s)
 
 
 class Loop:
@@ -603,7 +532,7 @@ class Loop:
         """RL step `step` (0-based): update, log, and checkpoint when due; returns its metrics."""
         run, cfg, t0 = self.run, self.run.cfg, time.perf_counter()
         metrics = rl_step(run, step)
-        _accumulate(self.state, metrics)
+        accumulate_run(self.state, metrics)
         self.state["layer_profile"] = run.profile
         with written_or_removed(None, f"writing {self.metrics_path}"):  # a torn line is dropped on resume
             self.log.write(metrics)
@@ -710,43 +639,6 @@ def save_interrupted(run: Run, state: dict) -> None:
     save_checkpoint(run, done, state)
 
 
-def _accumulate(state: dict, m: dict) -> None:
-    state["step_time_s"] = state.get("step_time_s", 0.0) + m["step_s"]
-    state["tokens_processed"] += m["tokens_processed"]
-    state["tokens_generated"] += m["tokens_generated"]
-    state["rollout_s"] += m["rollout_s"]
-    state["skipped_updates"] += int(m["skipped_update"])
-    state["consecutive_skipped"] = state.get("consecutive_skipped", 0) + 1 if m["skipped_update"] else 0
-    state["rewards"].append(m["reward_mean"])
-    sums = state.setdefault("offpolicy_sums", {})  # summary key: [sum over steps, steps]; JSON in checkpoints
-    for metric, key in OFFPOLICY_SUMMARY.items():
-        value = m.get(metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            total = sums.setdefault(key, [0.0, 0])
-            total[0] += float(value)
-            total[1] += 1
-
-
-def _run_mean(state: dict, key: str) -> float | None:
-    """Mean over steps of an `offpolicy_sums` entry (None when no step logged it, e.g. an old checkpoint)."""
-    total, steps = state.get("offpolicy_sums", {}).get(key, (0.0, 0))
-    return total / steps if steps else None
-
-
-#: Per-step off-policy metrics whose run mean (over the steps that logged it) goes to summary.json.
-OFFPOLICY_SUMMARY = {
-    "rollout_corr/kl": "offpolicy_kl_k1_mean",
-    "rollout_corr/k3_kl": "offpolicy_kl_k3_mean",
-    "rollout_corr/kl_old_behavior": "offpolicy_kl_old_behavior_mean",
-    "rollout_corr/chi2_token": "offpolicy_chi2_token_mean",
-    "rollout_corr/chi2_seq": "offpolicy_chi2_seq_mean",
-    "rollout_corr/ess_token": "offpolicy_ess_token_mean",
-    "rollout_corr/ess_seq": "offpolicy_ess_seq_mean",
-    "rollout_corr/ratio_outside_frac": "offpolicy_ratio_outside_frac_mean",
-    "rollout_corr/max_abs_log_ratio": "offpolicy_max_abs_log_ratio_mean",
-}
-
-
 def _progress(cfg: TrainConfig, acc, start: int):
     if not (cfg.progress and acc.is_main_process):
         return None
@@ -772,7 +664,7 @@ def make_summary(run: Run, state: dict) -> dict:
         "first_reward": sum(rewards[:k]) / len(rewards[:k]) if rewards else None,
         "final_reward": sum(rewards[-k:]) / len(rewards[-k:]) if rewards else None,
         "skipped_updates": state["skipped_updates"],
-        **{key: _run_mean(state, key) for key in OFFPOLICY_SUMMARY.values()},
+        **run_offpolicy_means(state),
         "skip_ratio": cfg.skip_ratio, "border": cfg.border, "mitigation": cfg.mitigation,
         "skip_policy": cfg.skip_policy,
         "num_layers": run.num_layers, "num_processes": acc.num_processes, "fsdp": run.fsdp,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nested_reft import trainer
+from nested_reft import metrics, trainer
 from nested_reft.checkpoint import latest_checkpoint
 from nested_reft.config import ConfigError, TrainConfig
 
@@ -397,7 +397,7 @@ def test_tis_mis_and_offpolicy_metrics_are_logged(toy_dir, tmp_path, alternating
         assert m["rollout_corr/ratio_outside_frac"] == 0.0
     state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["offpolicy_sums"]["offpolicy_kl_k3_mean"][1] == 1  # kept for a resume
-    assert trainer._run_mean({}, "offpolicy_kl_k3_mean") is None  # a checkpoint from before these metrics
+    assert metrics.run_mean({}, "offpolicy_kl_k3_mean") is None  # a checkpoint from before these metrics
 
 
 def test_metrics_under_trl_names_and_group_std(toy_dir, tmp_path, alternating_rewards):
@@ -428,19 +428,6 @@ def test_entropy_is_the_policys_on_its_completion_tokens(toy_dir, tmp_path):
     expected = float(ent[cm].mean())
     upd = trainer.update(run, rollout, torch.zeros(rollout.completion_ids.size(0)), None, None)
     assert upd.means.reduce(run.accelerator)["entropy"] == pytest.approx(expected, rel=1e-4)
-
-
-def test_metrics_lines_are_strict_json(tmp_path):
-    from nested_reft.metrics import MetricsLog
-
-    log = MetricsLog(tmp_path / "m.jsonl", True)
-    log.write({"step": 1, "h_mean": float("nan"), "rho_max": float("inf"), "xs": [float("nan")]})
-
-    def refuse(name):
-        raise ValueError(f"non-JSON constant {name}")
-
-    line = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse)
-    assert line == {"step": 1, "h_mean": None, "rho_max": None, "xs": [None]}
 
 
 def test_runtime_is_the_whole_stage_including_checkpoints(toy_dir, tmp_path, monkeypatch):
@@ -613,43 +600,6 @@ def test_tensorboard_gets_every_numeric_metric(toy_dir, tmp_path, alternating_re
     first = read_metrics(out)[0]
     assert events.Scalars("rollout_corr/k3_kl")[0].value == pytest.approx(first["rollout_corr/k3_kl"], rel=1e-6)
     assert [e.step for e in events.Scalars("reward")] == [1, 2]
-
-
-def test_micro_batches_group_rows_by_length_and_trim_the_padding():
-    from nested_reft.rollout import Rollout
-
-    lengths = [3, 1, 4, 2, 4, 1]
-    prompt_lengths = [2, 3, 1, 2, 1, 1]
-    n, p, length = len(lengths), 3, 5
-    cmask = torch.tensor([[1] * k + [0] * (length - k) for k in lengths])
-    pmask = torch.tensor([[0] * (p - k) + [1] * k for k in prompt_lengths])
-    ids = torch.arange(n * length).view(n, length)
-    rollout = Rollout(torch.arange(n * p).view(n, p) * pmask, pmask, ids, cmask, torch.zeros(n, length), (), 0, 0, 0.0)
-    batches = trainer.micro_batches(rollout, 4, pack=False)
-    assert [mb.index.tolist() for mb in batches] == [[2, 4, 0, 3], [1, 5]]  # longest first, stable
-    first, second = batches
-    assert first.completion_ids.shape == (4, 4) and second.completion_ids.shape == (2, 1)
-    assert first.prompt_ids.shape == (4, 2) and second.prompt_ids.shape == (2, 3)
-    for mb in batches:  # every real token is kept, in place
-        assert torch.equal(mb.completion_ids, ids[mb.index, : mb.completion_ids.size(1)])
-        assert int(mb.completion_mask.sum()) == sum(lengths[i] for i in mb.index.tolist())
-        assert int(mb.prompt_mask.sum()) == sum(prompt_lengths[i] for i in mb.index.tolist())
-
-
-def test_packed_micro_batches_stay_within_the_token_budget():
-    from nested_reft.rollout import Rollout
-
-    torch.manual_seed(0)
-    n, p, length = 64, 6, 40
-    lengths = torch.randint(1, length + 1, (n,))
-    cmask = (torch.arange(length)[None] < lengths[:, None]).long()
-    pmask = torch.ones(n, p, dtype=torch.long)
-    rollout = Rollout(torch.ones(n, p, dtype=torch.long), pmask, torch.ones(n, length, dtype=torch.long), cmask,
-                      torch.zeros(n, length), (), 0, 0, 0.0)
-    packed, fixed = trainer.micro_batches(rollout, 8), trainer.micro_batches(rollout, 8, pack=False)
-    assert sorted(torch.cat([mb.index for mb in packed]).tolist()) == list(range(n))
-    assert all(mb.completion_ids.numel() + mb.prompt_ids.numel() <= 8 * (p + length) for mb in packed)
-    assert len(packed) < len(fixed) == 8
 
 
 # ---- LoRA -----------------------------------------------------------------------------------------
