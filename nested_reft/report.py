@@ -1,7 +1,7 @@
 """Report: each Nested-ReFT run against its baseline (the paper's deltas, Table 2, Figure 1, linear fits).
 
 Input: run directories as `nested-reft train` / `sweep` / `demo` write them:
-  config.yaml         the resolved TrainConfig (model, dataset, skip_ratio, border, mitigation)
+  config.yaml         the resolved TrainConfig (model, dataset, skip_ratio, border, mitigation, skip_policy)
   summary.json        the trainer's summary (token_speed, runtime_s, num_layers)
   eval/summary.json   evaluate's summary (optional; `mean` = unweighted mean accuracy over benchmarks)
   run.json            optional labels from sweep/demo: {"model": short name} (default: config's model)
@@ -62,6 +62,7 @@ class Run(NamedTuple):
     benchmarks: dict  # benchmark -> accuracy
     token_speed: float  # tokens processed / RL runtime (tokens/s)
     runtime_s: float
+    skip_policy: str = "uniform"  # which layers the nested models skipped (train --skip-policy)
 
     @property
     def skipped_layers(self) -> int | None:
@@ -116,7 +117,7 @@ def load_run(path) -> Run:
                    str(cfg.get("mitigation", "base")), summary.get("num_layers"),
                    None if ev is None else float(ev["mean"]),
                    {} if ev is None else {k: float(v["accuracy"]) for k, v in ev["benchmarks"].items()},
-                   float(summary["token_speed"]), float(summary["runtime_s"]))
+                   float(summary["token_speed"]), float(summary["runtime_s"]), str(cfg.get("skip_policy", "uniform")))
     except (KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"{path}: missing or bad field {exc}") from None
 
@@ -190,8 +191,14 @@ def match(runs: list[Run]) -> tuple[list[Delta], list[str]]:
 # ---- Table 2 and the linear fit ----------------------------------------------------------------
 
 
+def variant(run: Run) -> str:
+    """The mitigation, and the skip policy when it is not the paper's uniform draw: 'retrace (importance)'."""
+    policy = run.skip_ratio > 0 and run.skip_policy != "uniform"
+    return f"{run.mitigation} ({run.skip_policy})" if policy else run.mitigation
+
+
 def instance(run: Run) -> str:
-    return f"x={100 * run.skip_ratio:g}% {run.mitigation}"
+    return f"x={100 * run.skip_ratio:g}% {variant(run)}"
 
 
 def table2(deltas: list[Delta]) -> dict:
@@ -364,7 +371,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def run_label(run: Run, with_model: bool) -> str:
-    name = "baseline" if run.skip_ratio == 0 else f"x = {run.skip_ratio:.2f}, {run.mitigation}"
+    name = "baseline" if run.skip_ratio == 0 else f"x = {run.skip_ratio:.2f}, {variant(run)}"
     return f"{Path(run.model).name} on {run.dataset}: {name}" if with_model else name
 
 
@@ -381,13 +388,14 @@ def plot_rewards(runs: list[Run], path: Path, window: int | None = None) -> Path
         return None
     window = window or max(4, max(len(rw) for _, rw in curves) // 10)
     with_model = len({(r.model, r.dataset) for r, _ in curves}) > 1
-    styles = {x: ls for x, ls in zip(sorted({r.skip_ratio for r, _ in curves if r.skip_ratio}), ("-", "--", ":", "-."))}
+    kinds = sorted({(r.skip_ratio, r.skip_policy) for r, _ in curves if r.skip_ratio})  # a line style each
+    styles = {kind: ls for kind, ls in zip(kinds, ("-", "--", ":", "-."))}
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
     for r, rewards in curves:
         color = "black" if r.skip_ratio == 0 else COLORS.get(r.mitigation, "gray")
         steps = range(1, len(rewards) + 1)
         ax.plot(steps, rewards, color=color, alpha=0.2, linewidth=1)
-        ax.plot(steps, moving_average(rewards, window), color=color, linewidth=2, linestyle=styles.get(r.skip_ratio, "-"),
+        ax.plot(steps, moving_average(rewards, window), color=color, linewidth=2, linestyle=styles.get((r.skip_ratio, r.skip_policy), "-"),
                 label=run_label(r, with_model))
     ax.set(title=f"Training reward per RL step (faint: each step; solid: mean of the last {window} steps)",
            xlabel="RL step", ylabel="mean reward of the step's rollouts", ylim=(0, None))
@@ -445,7 +453,7 @@ def _f(value, fmt: str, none: str = "—") -> str:
 
 def run_row(r: Run, d: Delta | None) -> str:
     u = _f(r.skipped_layers, "d")
-    cells = [r.model, r.dataset, f"{100 * r.skip_ratio:g}", u, str(r.border), r.mitigation,
+    cells = [r.model, r.dataset, f"{100 * r.skip_ratio:g}", u, str(r.border), variant(r),
              _f(r.accuracy, ".3f"), _f(d and d.accuracy_abs, "+.3f"), _f(d and d.accuracy_rel, "+.1f"),
              _f(r.token_speed, ".1f"), _f(d and d.token_speed_rel, "+.1f"),
              _f(r.runtime_s, ".1f"), _f(d and d.runtime_rel, "+.1f")]
@@ -502,7 +510,8 @@ def to_markdown(rep: dict, runs: list[Run], deltas: list[Delta], fit_list: list[
 
 def _json_delta(d: Delta) -> dict:
     return {"run": d.run.path, "baseline": d.base.path, "model": d.run.model, "dataset": d.run.dataset,
-            "skip_ratio": d.run.skip_ratio, "mitigation": d.run.mitigation, "skipped_layers": d.run.skipped_layers,
+            "skip_ratio": d.run.skip_ratio, "mitigation": d.run.mitigation,
+            "skip_policy": d.run.skip_policy, "skipped_layers": d.run.skipped_layers,
             **{k: getattr(d, k) for k in Delta._fields if k not in ("run", "base")}}
 
 

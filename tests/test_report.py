@@ -192,3 +192,16 @@ def test_offpolicy_kl_figure_from_metrics_jsonl(tmp_path):
 
 def test_moving_average_uses_fewer_values_at_the_start():
     assert report.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_an_importance_run_says_so_in_the_table_labels_and_json(tmp_path):
+    for name in ("m1__svamp__x0.00__base", "m1__svamp__x0.15__retrace"):
+        shutil.copytree(FIXTURE / name, tmp_path / name)
+    cfg = tmp_path / "m1__svamp__x0.15__retrace" / "config.yaml"
+    cfg.write_text(cfg.read_text() + "skip_policy: importance\n")
+    run = report.load_run(tmp_path / "m1__svamp__x0.15__retrace")
+    assert run.skip_policy == "importance" and report.run_label(run, False) == "x = 0.15, retrace (importance)"
+    assert report.load_run(tmp_path / "m1__svamp__x0.00__base").skip_policy == "uniform"  # older runs: uniform
+    rep = report.build_report([tmp_path], tmp_path / "out")
+    assert "| retrace (importance) |" in (tmp_path / "out" / "report.md").read_text()
+    assert [d["skip_policy"] for d in rep["deltas"]] == ["importance"]
