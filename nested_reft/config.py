@@ -294,7 +294,7 @@ class TrainConfig:
                                   "tis (min(rho,C)) or mis (rho if C_low<=rho<=C, else 0)")
     skip_policy: str = doc("uniform", "which layers a nested model skips: uniform (the paper's draw), importance "
                                       "(less important layers more often) or fixed (skip_layers every step)")
-    skip_temperature: float = doc(0.5, "T of the importance policy: p_i ~ exp(-I_i / (mean I * T)); small T skips "
+    skip_temperature: float = doc(0.1, "T of the importance policy: p_i ~ exp(-I_i / (mean I * T)); small T skips "
                                        "the least important layers almost always")
     profile_every: int = doc(1, "importance policy: refresh the layer profile (Block Influence) from the update's "
                                 "forward pass every N steps")

@@ -135,7 +135,7 @@ class NestedGRPOConfig(GRPOConfig):
     is_cap_low: float | None = field(default=None, metadata=_help("C_low of mis (default 1/is_cap)"))
     skip_policy: str = field(default="uniform", metadata=_help(
         "uniform (the paper's draw) or fixed (skip_layers every step); importance is `nested-reft train` only"))
-    skip_temperature: float = field(default=0.5, metadata=_help("T of the importance policy (train only); > 0"))
+    skip_temperature: float = field(default=0.1, metadata=_help("T of the importance policy (train only); > 0"))
     skip_layers: list[int] | None = field(default=None, metadata=_help(
         "the fixed policy's layer indices (exactly U = round(N * skip_ratio) of them, none in the border)"))
 
