@@ -97,9 +97,8 @@ def save_checkpoint(run, step: int, state: dict) -> Path | None:
     acc.wait_for_everyone()
     final = checkpoint_dir(run.out, step)
     if not weights_finite(run.model, acc, run.fsdp):
-        last = latest_checkpoint(run.out)
-        where = f"resume from {last} with a lower lr" if last else "start again with a lower lr"
-        raise TrainingError(f"refusing to checkpoint step {step}: the weights are not finite (diverged); {where}")
+        raise TrainingError(f"refusing to checkpoint step {step}: the weights are not finite (diverged); "
+                            f"{restart_hint(run.out)} with a lower lr")
     model_sd, optim_sd = full_state(run, optimizer=True)
     if acc.is_main_process:
         tmp = final.parent / f".tmp-{final.name}"
@@ -133,6 +132,12 @@ class written_or_removed:
         cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
         raise CheckpointError(f"{self.what} failed: {cause}{where}") from exc
+
+
+def restart_hint(out: Path) -> str:
+    """Where a failed run goes on from: its latest complete checkpoint, or a fresh start when it has none."""
+    last = latest_checkpoint(out)
+    return f"resume from {last}" if last else "start again (no checkpoint yet)"
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

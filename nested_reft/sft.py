@@ -77,7 +77,8 @@ class SFTConfig:
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
     progress: bool = doc(True, "show a progress bar (stderr)")
-    group_by_length: bool = doc(False, "batch examples of like length together (transformers' group_by_length): "
+    group_by_length: bool = doc(False, "batch examples of like length together (sorted within mega-batches, as transformers' "
+                                       "LengthGroupedSampler, then the batches shuffled): "
                                        "less padding, every example still once per epoch (on the toy task it "
                                        "hurt: docs/results.md)")
     layer_drop: float = doc(0.0, "skip ratio x of a fresh nested model (border 1) on every other update, so the result's nested models work too; 0 = off")

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from nested_reft.batching import MicroBatch, loss_scale, micro_batches, micro_rows
-from nested_reft.checkpoint import (TrainingError, latest_checkpoint, prepare_output, save_checkpoint, save_final_model,
+from nested_reft.checkpoint import (TrainingError, prepare_output, restart_hint, save_checkpoint, save_final_model,
                                    write_summary, written_or_removed)
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
@@ -550,11 +550,10 @@ class Loop:
     def check_diverged(self, step: int) -> None:
         k = self.state["consecutive_skipped"]
         if k >= self.run.cfg.max_skipped_updates:
-            last = latest_checkpoint(self.run.out)
-            where = f"resume from {last}" if last else "start again (no checkpoint yet)"
             raise TrainingError(
                 f"{k} consecutive updates were skipped (non-finite loss or gradient), the last at step {step + 1}: "
-                f"the run has most likely diverged (lower lr?); {where} or raise max_skipped_updates")
+                f"the run has most likely diverged (lower lr?); {restart_hint(self.run.out)} or raise "
+                "max_skipped_updates")
 
     def finish(self) -> dict:
         """The last checkpoint, the final model and the summary."""
@@ -631,7 +630,7 @@ def save_interrupted(run: Run, state: dict) -> None:
     if acc.num_processes > 1 or run.dirty:  # processes stopped in different collectives / weights mid-step
         if acc.is_main_process:
             why = "several processes" if acc.num_processes > 1 else "stopped inside an update"
-            print(f"\ninterrupted ({why}): no checkpoint written; resume from {latest_checkpoint(run.out)}",
+            print(f"\ninterrupted ({why}): no checkpoint written; {restart_hint(run.out)}",
                   file=sys.stderr, flush=True)
         return
     if acc.is_main_process:

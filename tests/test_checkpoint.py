@@ -255,14 +255,18 @@ def test_safetensors_own_write_error_is_one_line_exit_1(toy_dir, tmp_path, monke
 def test_diverged_weights_stop_the_cli_with_exit_1(toy_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer, "finish_update", lambda run: (float("nan"), False))
     assert cli.main(_cli_argv(toy_dir, tmp_path / "r", "--steps", "5", "--max-skipped-updates", "2")) == 1
-    assert "2 consecutive updates were skipped" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "2 consecutive updates were skipped" in line
+    assert "start again (no checkpoint yet)" in line  # no checkpoint to name
 
 
 def test_non_finite_weights_are_never_checkpointed(toy_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint, "weights_finite", lambda *a: False)
     out = tmp_path / "r"
     assert cli.main(_cli_argv(toy_dir, out, "--save-steps", "1")) == 1
-    assert "weights are not finite" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "weights are not finite" in line
+    assert "start again (no checkpoint yet) with a lower lr" in line
     assert latest_checkpoint(out) is None
 
 
