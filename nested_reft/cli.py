@@ -430,7 +430,24 @@ def main(argv=None) -> int:
         return 2
     except RunFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if _is_collective(exc.__cause__):
+            _exit_now(1)
         return 1
+
+
+def _is_collective(exc) -> bool:
+    from nested_reft.distributed import CollectiveError
+
+    return isinstance(exc, CollectiveError)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without interpreter teardown. After a timed-out collective the process group still holds a
+    pending gloo/NCCL operation; destroying it at exit aborts the process (SIGABRT, 'terminate called
+    without an active exception') instead of exiting with the error's code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
