@@ -306,7 +306,7 @@ def _add_demo(sub) -> None:
     from nested_reft.demo import DemoConfig
 
     d = DemoConfig()
-    p = sub.add_parser("demo", help="the whole pipeline on the toy task (CPU, 12-14 minutes on 2 cores): SFT, baseline vs Nested-ReFT",
+    p = sub.add_parser("demo", help="the whole pipeline on the toy task (CPU, about 5 minutes on 2 cores): SFT, baseline vs Nested-ReFT",
                        description="Builds the toy task and model, runs SFT once, then RL: the baseline (x = 0) and "
                                    "Nested-ReFT at --skip-ratio with each mitigation; evaluates all and prints a comparison "
                                    "table. A rerun with the same options continues where it stopped.")

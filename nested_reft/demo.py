@@ -1,4 +1,5 @@
-"""The demo: the whole Nested-ReFT pipeline on the embedded toy task, on CPU, in 12-14 minutes on 2 cores.
+"""The demo: the whole Nested-ReFT pipeline on the embedded toy task, on CPU, in about 5 minutes on 2 cores
+(295 s on 2026-12-06; 822 s on 2026-12-03's virtual machine, 2.5 times slower at everything).
 
 Builds the toy task (data, tokenizer, 28-layer Qwen2 model), runs the SFT warm-up once (with layer drop, so
 that the checkpoint's nested models work too), then RL from that checkpoint: the baseline (x = 0, b = 0,
