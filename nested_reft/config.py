@@ -312,7 +312,7 @@ class TrainConfig:
     logprobs: str = doc("sampled", "behaviour log-probs: sampled (recorded while sampling) or recompute")
     steps: int = doc(99, "S: RL gradient steps")
     batch_size: int = doc(16, "prompts per step (reached by gradient accumulation)")
-    micro_batch_size: int = doc(4, "prompts per forward/backward pass (gradient accumulation unit)")
+    micro_batch_size: int = doc(4, "prompts per forward/backward pass: its untrimmed tokens bound each packed pass (batching.py)")
     rollout_batch_size: int = doc(16, "prompts per generation call")
     lr: float = doc(1e-6, "AdamW learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")

@@ -1,6 +1,8 @@
 import torch
 
-from nested_reft.batching import loss_scale, micro_batches
+import itertools
+
+from nested_reft.batching import PASS_COST, loss_scale, micro_batches, packed_groups
 from nested_reft.rollout import Rollout
 
 
@@ -34,7 +36,46 @@ def test_packed_micro_batches_stay_within_the_token_budget():
     packed, fixed = micro_batches(rollout, 8), micro_batches(rollout, 8, pack=False)
     assert sorted(torch.cat([mb.index for mb in packed]).tolist()) == list(range(n))
     assert all(mb.completion_ids.numel() + mb.prompt_ids.numel() <= 8 * (p + length) for mb in packed)
-    assert len(packed) < len(fixed) == 8
+    processed = [sum(mb.completion_ids.numel() + mb.prompt_ids.numel() for mb in b) for b in (packed, fixed)]
+    assert processed[0] < processed[1]  # less padding
+    assert len(packed) < 2 * len(fixed)  # without a pass per length
+
+
+def _cost(groups, lengths, prompt_lengths, budget):
+    return sum(len(g) * (max(prompt_lengths[r] for r in g) + max(lengths[r] for r in g)) + PASS_COST * budget
+               for g in groups)
+
+
+def test_packed_groups_are_the_cheapest_split_within_the_budget():
+    """Against every split of the sorted rows into consecutive groups (brute force)."""
+    torch.manual_seed(1)
+    for trial in range(20):
+        n = 8
+        lengths = torch.randint(1, 30, (n,)).tolist()
+        prompt_lengths = torch.randint(1, 8, (n,)).tolist()
+        order = sorted(range(n), key=lambda r: -lengths[r])
+        budget = 3 * (8 + 30)
+        groups = packed_groups(order, lengths, prompt_lengths, budget, float("inf"))
+        assert [r for g in groups for r in g] == order
+        feasible = []
+        for cuts in itertools.product([0, 1], repeat=n - 1):
+            split, start = [], 0
+            for i, c in enumerate(cuts, 1):
+                if c:
+                    split.append(order[start:i])
+                    start = i
+            split.append(order[start:])
+            if all(len(g) * (max(prompt_lengths[r] for r in g) + max(lengths[r] for r in g)) <= budget
+                   for g in split):
+                feasible.append(_cost(split, lengths, prompt_lengths, budget))
+        assert abs(_cost(groups, lengths, prompt_lengths, budget) - min(feasible)) < 1e-9
+
+
+def test_packed_groups_keep_the_logits_bound_and_take_an_oversized_row_alone():
+    lengths, prompt_lengths = [10, 9, 8, 2], [1, 1, 1, 1]
+    groups = packed_groups([0, 1, 2, 3], lengths, prompt_lengths, budget=1000, logits_budget=20)
+    assert all(len(g) * max(lengths[r] for r in g) <= 20 for g in groups)
+    assert packed_groups([0], [50], [5], budget=10, logits_budget=float("inf")) == [[0]]
 
 
 def test_loss_scales_of_any_split_sum_to_one():
