@@ -47,6 +47,7 @@ import torch
 from nested_reft.batching import MicroBatch, loss_scale, micro_batches, micro_rows
 from nested_reft.checkpoint import (TrainingError, prepare_output, restart_hint, save_checkpoint, save_final_model,
                                    write_summary, written_or_removed)
+from nested_reft.compiled import compile_layers, using_layers
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, fsdp_requested, full_tensor, gather_rows, gather_tensor,
@@ -87,6 +88,7 @@ class Run:
     num_layers: int
     out: Path
     fsdp: bool = False  # model (and reference) sharded with FSDP2's fully_shard
+    compiled: torch.nn.ModuleList | None = None  # --compile: the decoder layers' compiled wrappers (compiled.py)
     profile: list[float] | None = None  # importance skip policy: Block Influence per layer the next draw uses
     dirty: bool = False  # the optimizer stepped in this step and its bookkeeping is not done yet
 
@@ -154,6 +156,8 @@ def setup(cfg: TrainConfig) -> Run:
     check_lora_setup(cfg)
     accelerator = make_accelerator(cfg.device, cfg.bf16, cfg.collective_timeout_s)
     fsdp = use_fsdp()
+    if cfg.compile and fsdp:
+        raise ConfigError("compile=true is not supported under FSDP (it shards each decoder layer); drop --compile")
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     n = check_model(cfg, model)
     prompts = load_prompts(cfg, tokenizer)
@@ -183,8 +187,9 @@ def setup(cfg: TrainConfig) -> Run:
     scheduler = make_scheduler(cfg, optimizer)
     if not fsdp:  # accelerate's own FSDP2 preparation is GPU-only; the sharded model needs no wrapper
         model, optimizer = accelerator.prepare(model, optimizer)
+    compiled = compile_layers(accelerator.unwrap_model(model)) if cfg.compile else None
     return Run(cfg, model, tokenizer, prompts, ref_model, accelerator, optimizer, scheduler, n, Path(cfg.output_dir),
-               fsdp)
+               fsdp, compiled)
 
 
 def make_scheduler(cfg: TrainConfig, optimizer):
@@ -424,13 +429,15 @@ def rl_step(run: Run, step: int) -> dict:
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
     t1 = time.perf_counter()
     rows = cfg.micro_batch_size * cfg.num_generations
-    with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
-        old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout, rows)
-        ref_lp = reference_logprobs(run, rollout, rows)
-    run.model.train()
-    measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
-    with measuring(acc.unwrap_model(run.model), measure) as meter:
-        upd = update(run, rollout, advantages, old_lp, ref_lp, meter)
+    with using_layers(acc.unwrap_model(run.model), run.compiled):  # --compile: the teacher-forced passes only
+        with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
+            old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout,
+                                                                         rows)
+            ref_lp = reference_logprobs(run, rollout, rows)
+        run.model.train()
+        measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
+        with measuring(acc.unwrap_model(run.model), measure) as meter:
+            upd = update(run, rollout, advantages, old_lp, ref_lp, meter)
     if meter is not None:
         run.profile = reduce_profile(run, meter)  # what the next step's draw uses
     run.scheduler.step()
