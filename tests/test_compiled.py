@@ -91,3 +91,22 @@ def test_compile_with_the_importance_meter_and_with_activation_checkpointing(toy
     assert [m["loss"] for m in m0] == pytest.approx([m["loss"] for m in m1], abs=1e-5)
     if "skip_policy" in extra:
         assert m0[1]["layer_profile"] == pytest.approx(m1[1]["layer_profile"], abs=1e-5)
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_resumed_compiled_run_repeats_the_uninterrupted_one(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    from test_trainer import kill_at_step_3
+
+    kw = dict(steps=4, save_steps=2, skip_ratio=0.15, mitigation="retrace", compile=True)
+    trainer.train(small_cfg(toy_dir, tmp_path / "full", **kw))
+    real = trainer.rl_step
+    kill_at_step_3(toy_dir, tmp_path / "cut", kw, monkeypatch)
+    monkeypatch.setattr(trainer, "rl_step", real)
+    trainer.train(small_cfg(toy_dir, tmp_path / "cut", resume=True, **kw))
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [m["skip_set"] for m in a] == [m["skip_set"] for m in b]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    wa = load_file(str(tmp_path / "full/final/model.safetensors"))
+    wb = load_file(str(tmp_path / "cut/final/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit for bit
