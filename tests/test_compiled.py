@@ -78,11 +78,13 @@ def test_compile_under_fsdp_is_refused_before_loading_the_model(toy_dir, tmp_pat
 
 @pytest.mark.slow
 @needs_compiler
-@pytest.mark.parametrize("extra", [dict(skip_policy="importance", profile_every=1), dict(gradient_checkpointing=True)])
-def test_compile_with_the_importance_meter_and_with_activation_checkpointing(toy_dir, tmp_path, alternating_rewards,
+@pytest.mark.parametrize("extra", [dict(skip_policy="importance", profile_every=1), dict(gradient_checkpointing=True),
+                                   dict(lora_r=4)])
+def test_compile_with_the_importance_meter_activation_checkpointing_and_lora(toy_dir, tmp_path, alternating_rewards,
                                                                              extra):
     """The Block Influence hooks sit on the compiled wrappers (outside the graph) and measure the same profile;
-    activation checkpointing recomputes through the compiled layers and gives the same losses."""
+    activation checkpointing recomputes through the compiled layers, and LoRA's adapters (inside the layers)
+    train through them: the same losses as eager."""
     for flag in (False, True):
         cfg = small_cfg(toy_dir, tmp_path / str(flag), skip_ratio=0.15, compile=flag, **extra)
         trainer.train(cfg)
