@@ -30,8 +30,8 @@ class MicroBatch(NamedTuple):
 
 
 #: The fixed cost of one teacher-forced pass, as a fraction of a full micro-batch's tokens. On the TRL peer
-#: job (28 layers, width 128, 2 CPU threads, 2026-12-06) update times fitted 0.35 ms per position plus 56 ms
-#: per pass, i.e. about 160 positions, 1/14 of its 2,304-token micro-batch; 1/16 to 1/8 gave the same times.
+#: job (28 layers, width 128, 2 CPU threads, 2026-12-06; scripts/packing_cost.py) 1/16 and 1/8 gave the
+#: fastest updates (1.407 and 1.406 s against 1.468 s at 1/32, 1.460 s at 1/4 and 1.487 s packed greedily).
 PASS_COST = 1 / 16
 
 

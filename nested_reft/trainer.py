@@ -428,15 +428,14 @@ def rl_step(run: Run, step: int) -> dict:
     rewards = score(run, prompts, rollout)
     advantages = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards).to(acc.device)
     t1 = time.perf_counter()
-    rows = cfg.micro_batch_size * cfg.num_generations
-    with using_layers(acc.unwrap_model(run.model), run.compiled):  # --compile: the teacher-forced passes only
+    rows, policy = cfg.micro_batch_size * cfg.num_generations, acc.unwrap_model(run.model)
+    with using_layers(policy, run.compiled):  # --compile: the teacher-forced passes only
         with acc.autocast(), torch.no_grad():  # pi_old is needed apart from the update only when it is reused
-            old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, acc.unwrap_model(run.model), rollout,
-                                                                         rows)
+            old_lp = None if cfg.num_iterations == 1 else batch_logprobs(run, policy, rollout, rows)
             ref_lp = reference_logprobs(run, rollout, rows)
         run.model.train()
         measure = cfg.skip_policy == "importance" and (step + 1) % cfg.profile_every == 0
-        with measuring(acc.unwrap_model(run.model), measure) as meter:
+        with measuring(policy, measure) as meter:
             upd = update(run, rollout, advantages, old_lp, ref_lp, meter)
     if meter is not None:
         run.profile = reduce_profile(run, meter)  # what the next step's draw uses

@@ -11,14 +11,7 @@ PEER=${PEER:-$HERE/../../shared/bench/trl_peer}
 export OMP_NUM_THREADS=2
 mkdir -p "$W"; cd "$W"
 [ -d tiny ] || "$TRLPY" "$PEER/make_model.py" >/dev/null
-"$TRLPY" - <<'PY'
-import json, random
-random.seed(0)
-with open("arith.jsonl", "w") as f:
-    for i in range(256):
-        a, b = random.randint(10, 99), random.randint(10, 99)
-        f.write(json.dumps({"id": str(i), "problem": f"what is {a} + {b} ?", "answer": str(a + b), "solution": None, "meta": {}}) + "\n")
-PY
+"$TRLPY" "$HERE/peer_data.py"
 for r in $(seq 1 "$ROUNDS"); do
   "$TRLPY" "$PEER/trl_steps.py" tiny arith.jsonl "$STEPS" 2>/dev/null | tail -1 > "trl-$r.json"
   for run in "0 false" "0 true" "0.15 false" "0.15 true"; do
@@ -30,7 +23,7 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 "$TRLPY" - "$ROUNDS" <<'PY'
-import glob, json, statistics, sys
+import json, statistics, sys
 rounds = int(sys.argv[1])
 med = statistics.median
 trl = med([s for r in range(1, rounds + 1) for s in json.load(open(f"trl-{r}.json"))["step_s"][1:]])

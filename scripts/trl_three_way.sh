@@ -14,14 +14,7 @@ NR=$(dirname "$PY")/nested-reft
 export OMP_NUM_THREADS=${THREADS:-2} TRL_EXPERIMENTAL_SILENCE=1
 mkdir -p "$W"; cd "$W"
 [ -d tiny ] || "$PY" "$PEER/make_model.py" >/dev/null 2>&1
-"$PY" - <<'PY'
-import json, random
-random.seed(0)
-with open("arith.jsonl", "w") as f:
-    for i in range(256):
-        a, b = random.randint(10, 99), random.randint(10, 99)
-        f.write(json.dumps({"id": str(i), "problem": f"what is {a} + {b} ?", "answer": str(a + b), "solution": None, "meta": {}}) + "\n")
-PY
+"$PY" "$HERE/peer_data.py"
 for r in $(seq 1 "$ROUNDS"); do
   "$PY" "$HERE/trl_peer_steps.py" trl tiny arith.jsonl "$STEPS" 2>"trl-$r.err" | tail -1 > "trl-$r.json"
   "$PY" "$HERE/trl_peer_steps.py" nested tiny arith.jsonl "$STEPS" "$X" 2>"ntrl-$r.err" | tail -1 > "ntrl-$r.json"
