@@ -3,9 +3,10 @@
 # x 8 completions x <= 64 tokens, lr 1e-5, 2 threads), alternated in one session with TRL's GRPOTrainer and with
 # the eager trainer, at x = 0 and x = 0.15. Median step time over every step but the first (warm-up, which holds
 # the compilation), the first step's time, the update time, and the ratios to TRL.
-# Usage: compile_peer.sh TRL_PYTHON NESTED_REFT_BIN WORKDIR [STEPS] [ROUNDS]   (as side_by_side.sh)
+# Usage: compile_peer.sh TRL_PYTHON NESTED_REFT_BIN WORKDIR [STEPS] [ROUNDS]   (as side_by_side.sh; STEPS >= 2)
 set -euo pipefail
-TRLPY=$1; NR=$2; W=$3; STEPS=${4:-4}; ROUNDS=${5:-2}
+abs() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }  # the script changes directory
+TRLPY=$(abs "$1"); NR=$(abs "$2"); W=$3; STEPS=${4:-4}; ROUNDS=${5:-2}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PEER=${PEER:-$HERE/../../shared/bench/trl_peer}
 export OMP_NUM_THREADS=2

@@ -7,7 +7,8 @@
 #   PYTHON: a python with nested-reft and its [trl] extra installed; `nested-reft` is taken from the same bin dir.
 #   THREADS (env, default 2) threads per run; PEER (env) the trl_peer directory (default ../shared/bench/trl_peer).
 set -euo pipefail
-PY=$1; W=$2; STEPS=${3:-4}; ROUNDS=${4:-2}; X=${5:-0.15}
+PY=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")  # absolute: the script changes directory
+W=$2; STEPS=${3:-4}; ROUNDS=${4:-2}; X=${5:-0.15}
 HERE=$(cd "$(dirname "$0")" && pwd)
 PEER=${PEER:-$HERE/../../shared/bench/trl_peer}
 NR=$(dirname "$PY")/nested-reft
