@@ -12,6 +12,9 @@ Choices:
   efficiency = measured / ideal.
 - `compare_generate` also times HF `model.generate()` (the path TRL uses without vLLM) on the full model
   with the same sampling settings, interleaved with the engine, and reports the engine/generate ratio.
+- `floor` adds each variant's share of the machine's floor (floor.py: the arithmetic at the rate this
+  device multiplies the model's matrices, and the weight and KV-cache reads at its copy bandwidth): how
+  far the decode loop is from what the hardware allows, for the engine and for generate().
 - Whole steps (`--mode step`) run `nested-reft train`'s own step (trainer.setup + trainer.rl_step: rollout,
   reward, update) for the full model (x = 0) and each ratio, one training run per variant on its own copy
   of the model, alternated round by round; a preset gets the toy task's tokenizer and prompts of random
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nested_reft.floor import Floor, Machine, ModelShape, measure_machine, model_shape, rollout_floor
 from nested_reft.layer_skip import check_skip_config, num_skipped, sample_skip_set
 from nested_reft.nested import num_layers
 from nested_reft.rollout import SamplingConfig, generate
@@ -65,6 +69,7 @@ class BenchConfig:
     compare_generate: bool = False  # also time HF model.generate() on the full model
     mode: str = "rollout"  # rollout: the decode loop alone; step: whole RL steps (rollout, reward, update)
     micro_batch_size: int = 4  # step mode: prompts per forward/backward pass of the update
+    floor: bool = False  # rollout mode: also report each variant's share of the machine's floor (floor.py)
 
     def validate(self) -> None:
         if self.model is None and self.preset not in PRESETS:
@@ -86,8 +91,9 @@ class BenchConfig:
                                  f"> 0; got {self.ratios}")
             if self.dtype == "float16":
                 raise ValueError("--mode step trains in float32 or bfloat16 (train --bf16); float16 is not offered")
-            if self.compare_generate:
-                raise ValueError("--compare-generate is a rollout-mode comparison; drop it with --mode step")
+            if self.compare_generate or self.floor:
+                raise ValueError("--compare-generate and --floor are rollout-mode measurements; drop them with "
+                                 "--mode step (scripts/step_floor.py measures a training run's floor)")
             if self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size:
                 raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batch_size="
                                  f"{self.micro_batch_size} >= 1")
@@ -185,7 +191,10 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
                 times[v].append(t)
         if progress:
             progress(rnd + 1, cfg.warmup + cfg.repeats)
-    return summarise(times, cfg, n, device_name(device))
+    results = summarise(times, cfg, n, device_name(device))
+    if cfg.floor:
+        add_floor(results, times, cfg, model_shape(model), measure_machine(model))
+    return results
 
 
 def summarise(times: dict, cfg: BenchConfig, n: int, device: str) -> list[dict]:
@@ -206,6 +215,26 @@ def summarise(times: dict, cfg: BenchConfig, n: int, device: str) -> list[dict]:
     return results
 
 
+def add_floor(results: list[dict], times: dict, cfg: BenchConfig, shape: ModelShape, machine: Machine) -> None:
+    """Add to each row the machine's rates, the full model's and its nested model's floors (floor.py) and
+    the share of its floor each variant reached (floor time / median measured time); the full model's
+    floor also for generate() when it was timed."""
+    rows = cfg.batch_size * cfg.num_generations
+
+    def floor(skipped: int) -> Floor:
+        return rollout_floor(shape, machine, rows, cfg.prompt_len, cfg.max_new_tokens, skipped)
+
+    full = floor(0)
+    for row in results:
+        nested = floor(row["skipped"])
+        row.update(gflops_per_s=machine.flops_per_s / 1e9, gbytes_per_s=machine.bytes_per_s / 1e9,
+                   full_floor=full._asdict(), nested_floor_s=nested.floor_s,
+                   full_floor_share=full.floor_s / statistics.median(times["full"]),
+                   nested_floor_share=nested.floor_s / statistics.median(times[row["ratio"]]))
+        if "generate" in times:
+            row["generate_floor_share"] = full.floor_s / statistics.median(times["generate"])
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -223,8 +252,24 @@ def format_table(results: list[dict]) -> str:
         r = results[0]
         lines.append(f"\nengine vs HF generate() on the full model: {r['engine_vs_generate']:.3f}x "
                      f"({r['full_tokens_per_s']:.1f} vs {r['generate_tokens_per_s']:.1f} tok/s)")
+    if results and "full_floor" in results[0]:
+        lines.append(format_floor(results))
     lines.append(f"\ndevice: {results[0]['device']}")
     return "\n".join(lines)
+
+
+def format_floor(results: list[dict]) -> str:
+    r = results[0]
+    f = r["full_floor"]
+    out = [f"\nfloor (floor.py; measured {r['gflops_per_s']:.0f} GFLOP/s on the model's products, "
+           f"{r['gbytes_per_s']:.1f} GB/s copy bandwidth): full model {f['floor_s']:.3f} s per rollout "
+           f"(arithmetic {f['compute_s']:.3f} s, weight reads {f['weights_s']:.3f} s, KV-cache reads "
+           f"{f['kv_s']:.3f} s)",
+           f"share of the floor reached: full model {r['full_floor_share']:.1%}"]
+    out[-1] += "".join(f", x = {x['ratio']:.2f} {x['nested_floor_share']:.1%}" for x in results)
+    if "generate_floor_share" in r:
+        out[-1] += f", HF generate() {r['generate_floor_share']:.1%}"
+    return "\n".join(out)
 
 
 # ---- whole RL steps ---------------------------------------------------------------------------

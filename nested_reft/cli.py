@@ -57,6 +57,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--compare-generate", action="store_true", help="also time HF model.generate() (full model)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the device's matmul rate and memory bandwidth and report each variant's "
+                        "share of its floor (arithmetic, weight and KV-cache reads; docs/benchmarks.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object per ratio")
     p.add_argument("--profile", action="store_true",
                    help="also print where a full-model rollout's time goes (embedding, layers, LM head, rest)")
@@ -71,7 +74,7 @@ def _run_bench(args) -> int:
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                       warmup=args.warmup, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       device=args.device, dtype=args.dtype, compare_generate=args.compare_generate,
-                      mode=args.mode, micro_batch_size=args.micro_batch_size)
+                      mode=args.mode, micro_batch_size=args.micro_batch_size, floor=args.floor)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -83,7 +83,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     enable()
 
 
-def _text_config(model: nn.Module):
+def text_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"{type(model).__name__} has no `config`; expected a Hugging Face model")
@@ -121,7 +121,7 @@ def skip_layers(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module]:
     if not skip:
         yield model
         return
-    config = _text_config(model)
+    config = text_config(model)
     kept = [i for i in range(len(full)) if i not in set(skip)]
     saved_idx = [(m, m.layer_idx) for i in kept for m in _layer_idx_holders(full[i])]
     saved_cfg = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}

@@ -5,8 +5,8 @@ For every step after the first (warm-up) of RUN_DIR/metrics.jsonl:
 - decode floor = 2 * P * generated tokens (each generated token passes every weight once; P = the model's
   parameters, the tied embedding counted once, as the LM head), at R GFLOP/s;
 - update floor = 6 * P * processed tokens (prompt + completion: forward, and backward's two products);
-- R = the rate of the model's own products on T = 4096 rows with the run's thread count: one layer's
-  (q/k/v, o, gate, up, down) and the head, each timed, total FLOPs / total time.
+- R = the rate of the model's own products on 4096 rows with the run's thread count (nested_reft.floor:
+  a layer's q/k/v, o, gate, up, down and the head, each timed, total FLOPs / total time).
 The efficiency of a phase is its floor time / its measured time (median over steps). Attention, norms and
 the KV cache are left out of the floor, so 1.0 is out of reach by a margin that shrinks with width.
 
@@ -16,27 +16,12 @@ the KV cache are left out of the floor, so 1.0 is out of reach by a margin that 
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
-
-def matmul_rate(shapes: list[tuple[int, int, int]], rows: int = 4096, repeats: int = 20) -> float:
-    """GFLOP/s of the products [rows, k] @ [k, n] over `shapes` (k, n, how many of it per token) taken
-    together: FLOPs / time, each product counted as often as a token meets it."""
-    flops = seconds = 0.0
-    for k, n, count in shapes:
-        a, b = torch.randn(rows, k), torch.randn(k, n)
-        for _ in range(3):
-            a @ b
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        seconds += count * (time.perf_counter() - start)
-        flops += count * 2.0 * rows * k * n * repeats
-    return flops / seconds / 1e9
+from nested_reft.floor import measure_machine
 
 
 def main() -> None:
@@ -51,10 +36,7 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(cfg["model"])
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    c = model.config
-    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    n, inter = c.num_hidden_layers, c.intermediate_size
-    rate = matmul_rate([(h, h, 2 * n), (h, kv, 2 * n), (h, inter, 2 * n), (inter, h, n), (h, c.vocab_size, 1)])
+    rate = measure_machine(model).flops_per_s / 1e9
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
     decode = [2 * params * m["tokens_generated"] / (rate * 1e9) / m["rollout_s"] for m in steps]
     update = [6 * params * m["tokens_processed"] / (rate * 1e9) / m["update_s"] for m in steps]

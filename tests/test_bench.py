@@ -85,7 +85,7 @@ def test_step_mode_bad_input_exits_2(capsys):
     assert main(["bench", "--mode", "step", "--batch-size", "3", "--micro-batch-size", "2"]) == 2
     assert "multiple of micro_batch_size" in capsys.readouterr().err
     assert main(["bench", "--mode", "step", "--compare-generate"]) == 2
-    assert "rollout-mode comparison" in capsys.readouterr().err
+    assert "are rollout-mode measurements" in capsys.readouterr().err
 
 
 def test_step_speedup_pairs_each_round_so_drift_cancels():

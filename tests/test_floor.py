@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from nested_reft.cli import main
+from nested_reft.floor import Machine, ModelShape, copy_bandwidth, measure_machine, model_shape, rollout_floor
+from nested_reft.kv_cache import decode_cache
+
+
+def tiny(layers=4, hidden=32, inter=64, heads=4, kv_heads=2, vocab=100, attn="sdpa"):
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=True)
+    config._attn_implementation = attn
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_model_shape_counts_one_layer_and_the_head():
+    shape = model_shape(tiny())
+    h, kv, i = 32, 2 * 8, 64
+    one_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, 2 norms
+    assert shape == ModelShape(layers=4, layer_params=one_layer, head_params=100 * h, heads=4, kv_heads=2,
+                               head_dim=8, dtype_bytes=4)
+
+
+def test_floor_sums_a_roofline_over_the_prefill_and_decode_steps():
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=2)
+    machine = Machine(flops_per_s=1e6, bytes_per_s=1e5)
+    f = rollout_floor(shape, machine, rows=3, prompt_len=5, new_tokens=4)
+    per_token = 2 * (10 * 1000 + 500)  # matrix FLOPs
+    attn = 4 * 10 * 2 * 4  # per token and attended position
+    prefill = 15 * (per_token + attn * 3)  # 15 tokens attending over (5 + 1) / 2 positions on average
+    decode = sum(3 * (per_token + attn * c) for c in (6, 7, 8))
+    assert f.compute_s == pytest.approx((prefill + decode) / 1e6)
+    weights = (10 * 1000 + 500) * 2
+    assert f.weights_s == pytest.approx(4 * weights / 1e5)  # read once per pass: prefill + 3 decode steps
+    kv = 10 * 2 * 1 * 4 * 2  # bytes per row and cached position: layers x (K, V) x kv heads x head dim x 2 bytes
+    assert f.kv_s == pytest.approx(3 * kv * (6 + 7 + 8) / 1e5)
+    steps = [max(prefill / 1e6, weights / 1e5)] + [max(3 * (per_token + attn * c) / 1e6, (weights + 3 * kv * c) / 1e5)
+                                                   for c in (6, 7, 8)]
+    assert f.floor_s == pytest.approx(sum(steps))
+
+
+def test_a_nested_floor_drops_the_skipped_layers_but_not_the_head():
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=4)
+    machine = Machine(1e9, 1e9)
+    full, nested = (rollout_floor(shape, machine, 2, 3, 5, skipped=u) for u in (0, 4))
+    assert nested.weights_s == pytest.approx(full.weights_s * (6 * 1000 + 500) / (10 * 1000 + 500))
+    assert nested.kv_s == pytest.approx(full.kv_s * 6 / 10)
+    assert nested.floor_s < full.floor_s
+
+
+def test_decode_step_arithmetic_matches_torch_flop_counter():
+    """Independent reference: torch's FLOP counter over one real KV-cached decode step of the model (eager
+    attention, so attention's two products are counted too)."""
+    model = tiny(layers=3, hidden=64, inter=128, vocab=50, attn="eager")
+    shape = model_shape(model)
+    rows, prompt_len = 4, 6
+    ids = torch.randint(1, 50, (rows, prompt_len))
+    cache = decode_cache(model, prompt_len + 2)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids[:, :1], use_cache=True, cache=cache)
+    counted = counter.get_total_flops()
+    machine = Machine(1.0, float("inf"))  # seconds == FLOPs
+    two_steps = rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
+    one_step = two_steps - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s  # the decode at context 7
+    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)  # biases and norm weights
+    assert one_step == pytest.approx(counted + 2 * rows * vectors)  # which ours counts as 2 FLOPs per token each
+
+
+def test_kv_bytes_match_the_engine_cache():
+    model = tiny()
+    shape = model_shape(model)
+    rows, prompt_len = 2, 5
+    cache = decode_cache(model, prompt_len + 1)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 100, (rows, prompt_len)), use_cache=True, cache=cache)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # read by the next step
+    kv_s = rollout_floor(shape, Machine(1.0, 1.0), rows, prompt_len, 2).kv_s  # one decode step, bytes/s = 1
+    assert kv_s == pytest.approx(cached * (prompt_len + 1) / prompt_len)  # that step also reads its own token
+
+
+def test_measured_rates_are_positive_and_plausible():
+    machine = measure_machine(tiny())
+    assert 1e8 < machine.flops_per_s < 1e16 and 1e8 < machine.bytes_per_s < 1e14
+    assert copy_bandwidth(torch.device("cpu"), megabytes=8, repeats=1) > 1e8
+
+
+def test_bench_floor_shares_are_below_one(capsys):
+    rc = main(["bench", "--hidden-size", "32", "--skip-ratio", "0.15", "--batch-size", "2", "--num-generations", "2",
+               "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0", "--compare-generate", "--floor", "--json"])
+    assert rc == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    for key in ("full_floor_share", "nested_floor_share", "generate_floor_share"):
+        assert 0 < row[key] < 1, key
+    assert set(row["full_floor"]) == {"compute_s", "weights_s", "kv_s", "floor_s"}
+    assert row["nested_floor_s"] < row["full_floor"]["floor_s"]
+
+
+def test_bench_floor_prints_its_line(capsys):
+    assert main(["bench", "--hidden-size", "32", "--skip-ratio", "0.15", "--batch-size", "1", "--num-generations",
+                 "2", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--floor"]) == 0
+    out = capsys.readouterr().out
+    assert "share of the floor reached: full model" in out and "KV-cache reads" in out
+
+
+def test_floor_is_refused_in_step_mode(capsys):
+    assert main(["bench", "--mode", "step", "--floor"]) == 2
+    assert "--floor are rollout-mode measurements" in capsys.readouterr().err
