@@ -4,7 +4,8 @@ Choices:
 - One lean decode loop over the model's own forward (no `generate()` machinery): left-padded prompts,
   explicit position ids from the attention mask, a preallocated KV cache built for the model as it runs
   (kv_cache.py: a nested model gets a cache of its own K layers; nothing is re-concatenated per token),
-  the LM head applied to the last position only. Rows that have emitted EOS leave the batch once they
+  the LM head applied to the last position only; on CPU, one-token steps attend through two batched
+  products instead of SDPA's kernel (decode_attention.py). Rows that have emitted EOS leave the batch once they
   are a quarter of it (their cache rows are dropped in one copy), so a finished row stops costing a
   full row's forward; a row's tokens do not depend on which other rows are still decoding (up to the
   float rounding of a different batch size in the matrix products: log-probs within 1e-6, docs/rollout.md).
@@ -47,6 +48,7 @@ from typing import NamedTuple
 
 import torch
 
+from nested_reft.decode_attention import single_query_attention
 from nested_reft.kv_cache import decode_cache
 from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers, unwrap_adapters
@@ -277,7 +279,7 @@ def generate(
     start = time.perf_counter()
     try:
         with skip_layers(model, skip):
-            with _decode_mode(model):
+            with _decode_mode(model), single_query_attention(model):
                 decoded = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
             tokens, cmask, logps = (t.clone() for t in decoded)
             if cfg.logprobs == "recompute":  # no graph: behaviour log-probs are constants of the update

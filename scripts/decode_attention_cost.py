@@ -1,0 +1,59 @@
+"""The rollout engine with SDPA against decode_attention.py's two batched products for one-token steps, on one
+model: the same prompts and uniforms, rounds alternated, medians of the rollout time; and whether the two
+sample the same tokens (largest log-prob difference).
+
+    python scripts/decode_attention_cost.py MODEL_DIR [--rows 16 --generations 8 --tokens 64 --eos ID --rounds 6]
+
+Without --eos the rollouts have the fixed length; with it they end at EOS (random weights: wherever the
+model happens to draw it).
+"""
+
+import argparse
+import statistics
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from nested_reft import rollout
+from nested_reft.decode_attention import single_query_attention
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--rows", type=int, default=16, help="prompts")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--eos", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=g).tolist()
+    cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=0 if args.eos is not None else args.tokens)
+    paths = {"sdpa": lambda m: nullcontext(), "two products": single_query_attention}
+
+    def run(path):
+        rollout.single_query_attention = paths[path]
+        return rollout.generate(model, prompts, args.generations, cfg, args.eos, 0,
+                                generator=torch.Generator().manual_seed(1))
+
+    first = {path: run(path) for path in paths}  # warm-up, and the comparison of samples
+    a, b = first.values()
+    times = {path: [] for path in paths}
+    for r in range(args.rounds):
+        for path in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+            times[path].append(run(path).rollout_s)
+    print({"same_tokens": torch.equal(a.completion_ids, b.completion_ids),
+           "max_logprob_difference": (a.behavior_logprobs - b.behavior_logprobs).abs().max().item(),
+           "tokens": a.num_completion_tokens, "rounds": args.rounds,
+           **{f"{path} s": round(statistics.median(t), 3) for path, t in times.items()}})
+
+
+if __name__ == "__main__":
+    main()
