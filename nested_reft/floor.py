@@ -6,11 +6,13 @@ Choices:
   the context) and read every active weight once and, in attention, the KV cache of every row up to the
   context. Its floor is max(arithmetic / R, bytes / B); a rollout's floor is the sum over its passes.
   Masks, norms, rotary, sampling and cache writes are left out, so 1.0 is out of reach by a margin.
-- R (FLOP/s) is measured on the model's own products ([rows, k] @ [k, n] for a layer's projections and the
-  LM head, each weighted by how often a token meets it) at 4096 rows, in the model's dtype; B (bytes/s)
+- R (FLOP/s) is measured on the model's own products ([rows, k] @ [k, n] for each linear map of a layer
+  and the LM head, each weighted by how often a token meets it) at 4096 rows, in the model's dtype; B (bytes/s)
   from copying a buffer larger than the caches (read + write). Each is the fastest of several timed runs:
   what this process can get on this device, so the floor is one a run could approach, not a data-sheet
-  figure.
+  figure. Reads that stay in the last-level cache (a small model's weights) can beat B, so for such models
+  the memory part is an estimate rather than a strict bound; MoE experts and sliding windows are counted
+  as if every expert and position were read, which overstates their floor.
 - `weights_s` alone (weight bytes / B per pass) is the memory-bandwidth floor of plain decoding; at these
   batch sizes the KV cache (`kv_s`) is often larger, and on a small CPU model the arithmetic dominates.
 - A nested model skips U of the N layers: its active layers, KV cache and arithmetic are (N - U) / N of the
@@ -21,8 +23,9 @@ import time
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from nested_reft.nested import text_config, find_layers
+from nested_reft.nested import find_layers, text_config
 
 
 class Machine(NamedTuple):
@@ -121,17 +124,26 @@ def copy_bandwidth(device, megabytes: int = 512, repeats: int = 10) -> float:
     return 2 * a.numel() / _fastest(lambda: b.copy_(a), device, repeats, budget_s=1.0)
 
 
+def product_shapes(model) -> list[tuple[int, int, int]]:
+    """(k, n, count) of the matrix products a token meets: every linear map of a decoder layer ([*, k] @ [k, n],
+    counted once per layer; nn.Linear and transformers' GPT-2-style Conv1D) and the LM head (once)."""
+    layers = find_layers(model).layers
+    counts = {}
+    for module in layers[0].modules():
+        if isinstance(module, nn.Linear):
+            k, n = module.in_features, module.out_features
+        elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [in, out]
+            k, n = module.weight.shape
+        else:
+            continue
+        counts[(k, n)] = counts.get((k, n), 0) + len(layers)
+    head = model.get_output_embeddings().weight  # [V, H]
+    counts[(head.shape[1], head.shape[0])] = counts.get((head.shape[1], head.shape[0]), 0) + 1
+    return [(k, n, count) for (k, n), count in counts.items()]
+
+
 def measure_machine(model) -> Machine:
-    """R on this model's own product shapes (one layer's q/k/v, o, gate/up, down and the LM head) in its
-    dtype and on its device, and B from a 512 MiB copy there."""
-    c = text_config(model)
+    """R on this model's own product shapes (`product_shapes`) in its dtype and on its device, and B from a
+    512 MiB copy there. On a CPU at a 7B model's shapes this takes a few minutes."""
     weight = next(model.parameters())
-    h, inter = c.hidden_size, c.intermediate_size
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or h // heads
-    kv = (getattr(c, "num_key_value_heads", None) or heads) * head_dim
-    vocab = model.get_output_embeddings().weight.shape[0]
-    n = model_shape(model).layers
-    shapes = [(h, heads * head_dim, n), (h, kv, 2 * n), (heads * head_dim, h, n), (h, inter, 2 * n),
-              (inter, h, n), (h, vocab, 1)]
-    return Machine(matmul_rate(shapes, weight.device, weight.dtype), copy_bandwidth(weight.device))
+    return Machine(matmul_rate(product_shapes(model), weight.device, weight.dtype), copy_bandwidth(weight.device))

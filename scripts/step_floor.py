@@ -5,8 +5,9 @@ For every step after the first (warm-up) of RUN_DIR/metrics.jsonl:
 - decode floor = 2 * P * generated tokens (each generated token passes every weight once; P = the model's
   parameters, the tied embedding counted once, as the LM head), at R GFLOP/s;
 - update floor = 6 * P * processed tokens (prompt + completion: forward, and backward's two products);
-- R = the rate of the model's own products on 4096 rows with the run's thread count (nested_reft.floor:
-  a layer's q/k/v, o, gate, up, down and the head, each timed, total FLOPs / total time).
+- R = the rate of the model's own products on 4096 rows with the run's thread count, in the dtype the run
+  trained in (nested_reft.floor: each linear map of a layer and the head, timed, total FLOPs / total time).
+  It counts every parameter for a nested rollout too, so compare runs at x = 0.
 The efficiency of a phase is its floor time / its measured time (median over steps). Attention, norms and
 the KV cache are left out of the floor, so 1.0 is out of reach by a margin that shrinks with width.
 
@@ -34,7 +35,8 @@ def main() -> None:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"])
+    bf16 = str(cfg.get("bf16", "auto")).lower() == "true" or (cfg.get("bf16") == "auto" and torch.cuda.is_available())
+    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
     rate = measure_machine(model).flops_per_s / 1e9
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]

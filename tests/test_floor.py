@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from nested_reft.cli import main
-from nested_reft.floor import Machine, ModelShape, copy_bandwidth, measure_machine, model_shape, rollout_floor
+from nested_reft.floor import (Machine, ModelShape, copy_bandwidth, measure_machine, model_shape, product_shapes,
+                               rollout_floor)
 from nested_reft.kv_cache import decode_cache
 
 
@@ -24,6 +25,26 @@ def test_model_shape_counts_one_layer_and_the_head():
     one_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, 2 norms
     assert shape == ModelShape(layers=4, layer_params=one_layer, head_params=100 * h, heads=4, kv_heads=2,
                                head_dim=8, dtype_bytes=4)
+
+
+def test_untied_heads_and_bf16_weights():
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    shape = model_shape(model.to(torch.bfloat16))
+    assert shape.head_params == 100 * 32 and shape.dtype_bytes == 2
+
+
+def test_product_shapes_are_a_layers_linear_maps_and_the_head():
+    h, kv, i = 32, 16, 64
+    assert sorted(product_shapes(tiny())) == sorted([(h, h, 2 * 4), (h, kv, 2 * 4), (h, i, 2 * 4), (i, h, 4),
+                                                     (h, 100, 1)])  # q and o, k and v, gate and up, down, head
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4))  # Conv1D, no intermediate_size
+    assert sorted(product_shapes(gpt2)) == sorted([(32, 96, 2), (32, 32, 2), (32, 128, 2), (128, 32, 2), (32, 50, 1)])
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=32))
+    assert (32, 64, 2) in product_shapes(opt) and (64, 32, 2) in product_shapes(opt)
+    assert measure_machine(gpt2).flops_per_s > 0 and model_shape(gpt2).kv_heads == 4
 
 
 def test_floor_sums_a_roofline_over_the_prefill_and_decode_steps():
