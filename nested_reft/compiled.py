@@ -12,6 +12,8 @@ Choices:
   (docs/benchmarks.md). Checkpoints are written outside the swap, so their keys are the model's own.
 - The wrappers live on the run, not in the model's module tree: state dicts, DDP's parameter list and the
   nested view (`skip_layers`) see only the plain layers. FSDP2 shards per layer and is refused with it.
+- On CPU, inductor compiles C++: `check_compiler` refuses --compile before any work when torch finds no
+  working C++ compiler (it would otherwise fail inside the first step).
 - Values equal eager ones to float rounding (fused kernels sum in another order), not bit for bit; a
   resumed compiled run recompiles the same graphs and repeats itself.
 """
@@ -23,6 +25,21 @@ import torch
 from torch import nn
 
 from nested_reft.nested import find_layers
+
+
+def check_compiler(device_type: str) -> str | None:
+    """Why torch.compile cannot run on this device type, or None. On CPU inductor needs a C++ compiler
+    (torch._inductor.config.cpp.cxx, g++ by default); GPU kernels come from Triton instead."""
+    if device_type != "cpu":
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or the search's own OSError
+        return (f"compile=true on CPU needs a C++ compiler for torch.compile ({exc}); install one (for example "
+                f"`apt install g++`, or set CXX) or drop --compile")
+    return None
 
 
 def compile_layers(model: nn.Module) -> nn.ModuleList:

@@ -47,7 +47,7 @@ import torch
 from nested_reft.batching import MicroBatch, loss_scale, micro_batches, micro_rows
 from nested_reft.checkpoint import (TrainingError, prepare_output, restart_hint, save_checkpoint, save_final_model,
                                    write_summary, written_or_removed)
-from nested_reft.compiled import compile_layers, using_layers
+from nested_reft.compiled import check_compiler, compile_layers, using_layers
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, fsdp_requested, full_tensor, gather_rows, gather_tensor,
@@ -158,6 +158,8 @@ def setup(cfg: TrainConfig) -> Run:
     fsdp = use_fsdp()
     if cfg.compile and fsdp:
         raise ConfigError("compile=true is not supported under FSDP (it shards each decoder layer); drop --compile")
+    if cfg.compile and (problem := check_compiler(accelerator.device.type)):
+        raise ConfigError(problem)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     n = check_model(cfg, model)
     prompts = load_prompts(cfg, tokenizer)

@@ -40,6 +40,16 @@ def test_compiled_layers_share_the_parameters_and_stay_out_of_the_state_dict():
     assert [p.data_ptr() for p in compiled.parameters()] == [p.data_ptr() for p in find_layers(model).layers.parameters()]
 
 
+def test_compile_without_a_cpp_compiler_is_refused_before_loading_the_model(toy_dir, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-cxx",))
+    monkeypatch.setattr(trainer, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(ConfigError, match=r"compile=true on CPU needs a C\+\+ compiler .*no-such-cxx"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", compile=True, device="cpu"))
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.slow
 @needs_compiler
 def test_a_compiled_run_trains_like_the_eager_one_and_saves_plain_keys(toy_dir, tmp_path, alternating_rewards):
