@@ -345,6 +345,9 @@ class TrainConfig:
                                    "disable_dropout switches every dropout of the policy off, the adapters' too)")
     lora_target_modules: list[str] = doc(LORA_TARGET_MODULES, LORA_HELP["lora_target_modules"])
     merge_lora: bool = doc(False, LORA_HELP["merge_lora"] + " (final/merged/)")
+    lora_merge_rollouts: bool = doc(False, "with LoRA, sample rollouts from base + adapter folded into temporary "
+                                           "weights (faster decoding, a temporary copy of every adapted weight; "
+                                           "behaviour log-probs then differ from the adapter path by rounding)")
 
     def __post_init__(self):
         if self.border is None:
@@ -387,6 +390,8 @@ class TrainConfig:
         if self.limit is not None:
             check_range(e, "limit", self.limit, 1)
         check_lora(e, self)
+        if self.lora_merge_rollouts and self.lora_r == 0:
+            e.append("lora_merge_rollouts=true needs LoRA adapters (lora_r > 0)")
         if (self.disable_dropout and isinstance(self.lora_dropout, (int, float)) and self.lora_dropout > 0
                 and not any(x.startswith("lora_") for x in e)):
             e.append(f"lora_dropout={self.lora_dropout!r} would be switched off by disable_dropout=true (the default: "

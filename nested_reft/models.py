@@ -264,6 +264,40 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextmanager
+def merged_adapters(model: nn.Module):
+    """Within the block every plain LoRA layer of `model` computes with its adapter folded into a temporary copy
+    of its base weight (W + (alpha/r) B A, in W's dtype) and the adapter bypassed: one product where the
+    adapter path takes three. Layers whose base weight is shared (a tied head) keep their adapter. On exit the
+    base weights are the original tensors again (bit for bit) and the adapters are back as they were.
+    Costs one temporary copy of every adapted weight."""
+    from peft.tuners.lora import LoraLayer
+
+    shared = {id(model.get_input_embeddings().weight)} if hasattr(model, "get_input_embeddings") else set()
+    swapped = []
+    try:
+        with torch.no_grad():
+            for m in model.modules():
+                if not isinstance(m, LoraLayer) or m.disable_adapters or m.merged:
+                    continue
+                base = m.get_base_layer()
+                names = [name for name in m.active_adapters if name in m.lora_A]
+                plain = all(getattr(m, "lora_variant", {}).get(name) is None and not getattr(m, "lora_bias", {}).get(name)
+                            for name in names)  # no DoRA-like variant, no adapter bias
+                if not plain or id(base.weight) in shared or not hasattr(m, "get_delta_weight"):
+                    continue
+                weight = base.weight.data
+                delta = sum(m.get_delta_weight(name) for name in names)
+                swapped.append((m, base, weight))
+                base.weight.data = weight + delta.to(weight.dtype)
+                m._disable_adapters = True  # peft's enable_adapters(False) would also switch requires_grad off
+        yield len(swapped)
+    finally:
+        for m, base, weight in swapped:
+            base.weight.data = weight
+            m._disable_adapters = False
+
+
 def save_merged(model, tokenizer, path: Path) -> None:
     """A plain HF model (base + adapter merged, `merged_state_dict`) and the tokenizer in `path`, loadable
     with AutoModelForCausalLM.from_pretrained."""

@@ -57,8 +57,8 @@ from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip
 from nested_reft.logprobs import supports_scored_head
 from nested_reft.metrics import (Means, MetricsLog, accumulate_run, clipped_completions, make_tracker, nan_reduce,
                                  reward_stats, run_offpolicy_means)
-from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer, require_peft,
-                                trainable_parameters)
+from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer,
+                                merged_adapters, require_peft, trainable_parameters)
 from nested_reft.models import eos_ids as model_eos_ids
 from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers, unwrap_adapters
 from nested_reft.objectives import (combine_offpolicy, finish_offpolicy, group_advantages, importance_weights,
@@ -277,7 +277,7 @@ def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
     eos = eos_ids(run)
     all_done = (lambda done: global_sum(acc, 0.0 if done else 1.0) == 0) if run.fsdp else None
     parts = []
-    with acc.autocast():
+    with acc.autocast(), merged_adapters(policy) if cfg.lora_merge_rollouts else nullcontext():
         for i in range(0, len(prompts), cfg.rollout_batch_size):
             chunk = [p.ids for p in prompts[i:i + cfg.rollout_batch_size]]
             parts.append(generate(policy, chunk, cfg.num_generations, sampling_config(cfg), eos,

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from nested_reft.config import LORA_TARGET_MODULES, ConfigError
 from nested_reft.models import (apply_lora, check_lora_targets, is_adapter_dir, load_model_and_tokenizer,
-                                merged_state_dict, require_peft, save_merged, save_pretrained, trainable_parameters)
+                                merged_adapters, merged_state_dict, require_peft, save_merged, save_pretrained,
+                                trainable_parameters)
 
 pytest.importorskip("peft")
 
@@ -110,3 +111,42 @@ def test_peft_missing_is_named_with_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match=r'lora_r=8 needs the peft package: pip install -e "\.\[peft\]"'):
         require_peft("lora_r=8")
+
+
+def test_merged_adapters_compute_base_plus_adapter_in_one_product_and_restore_the_weights():
+    wrapped = lora(tiny_model("qwen2"))
+    randomise_adapters(wrapped)
+    hf = wrapped.get_base_model()
+    before = {k: (v.data_ptr(), v.clone()) for k, v in hf.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in wrapped.named_parameters()}
+    calls = []
+    for name, m in hf.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(4, 90, (2, 7))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        adapter_calls = len(calls)
+        with merged_adapters(hf) as count:
+            got = hf(input_ids=ids).logits
+        assert len(calls) == adapter_calls  # the adapters were bypassed inside
+        with wrapped.disable_adapter():
+            base = hf(input_ids=ids).logits
+    assert count == 6 * len(LORA_TARGET_MODULES)  # every adapted linear layer of the 6 layers
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2  # the adapter matters, and merging kept it
+    after = hf.state_dict()
+    assert all(after[k].data_ptr() == ptr and torch.equal(after[k], value) for k, (ptr, value) in before.items())
+    assert {n: p.requires_grad for n, p in wrapped.named_parameters()} == grads
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, want)  # the adapters run again after the block
+
+
+def test_merged_adapters_restore_the_weights_when_the_block_raises():
+    wrapped = lora(tiny_model("llama"))
+    randomise_adapters(wrapped)
+    hf = wrapped.get_base_model()
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"), merged_adapters(hf):
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in hf.state_dict().items())
