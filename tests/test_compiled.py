@@ -43,11 +43,12 @@ def test_compiled_layers_share_the_parameters_and_stay_out_of_the_state_dict():
 def test_compile_without_a_cpp_compiler_is_refused_before_loading_the_model(toy_dir, tmp_path, monkeypatch):
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-cxx",))
     monkeypatch.setattr(trainer, "load_model_and_tokenizer", lambda *a: pytest.fail("loaded the model"))
-    with pytest.raises(ConfigError, match=r"compile=true on CPU needs a C\+\+ compiler .*no-such-cxx"):
-        trainer.setup(small_cfg(toy_dir, tmp_path / "r", compile=True, device="cpu"))
+    with inductor.patch({"cpp.cxx": ("no-such-cxx",)}):  # the config's own patch: restored exactly after
+        with pytest.raises(ConfigError, match=r"compile=true on CPU needs a C\+\+ compiler .*no-such-cxx"):
+            trainer.setup(small_cfg(toy_dir, tmp_path / "r", compile=True, device="cpu"))
     assert not (tmp_path / "r").exists()
+    assert trainer.check_compiler("cpu") is None or needs_compiler.args[0]  # with g++ present, it is found again
 
 
 @pytest.mark.slow
