@@ -23,6 +23,8 @@ Choices:
   small model trained without it has no spare layers: its nested models are much worse than it, and
   Nested-ReFT's behaviour model with them (docs/results.md). Under DDP the skipped layers get no gradient,
   so `find_unused_parameters` is on when layer_drop > 0.
+- `compile` runs the decoder layers through torch.compile'd wrappers (compiled.py, as `train --compile`)
+  for the whole training loop; the checkpoint is written after, with the model's own layers.
 - The checkpoint (safetensors + tokenizer + sft_summary.json) is written to a temporary sibling
   directory and renamed into `output_dir`, so a crash never leaves a half-written checkpoint there.
 - LoRA (`lora_r` > 0, peft; models.apply_lora): only the adapters train and `output_dir` holds the adapter
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nested_reft.compiled import check_compiler, compile_layers, using_layers
 from nested_reft.config import (LORA_HELP, LORA_TARGET_MODULES, ConfigError, check_choice, check_finite_floats,
                                 check_lora, check_range, doc, output_dir_problems, raise_if, resolve_lora_alpha)
 from nested_reft.data import DataError, encode_prompt, load_examples, resolve_template, sft_target
@@ -76,6 +79,7 @@ class SFTConfig:
     bf16: bool | None = doc(None, "bf16 autocast (default: on when CUDA supports it)")
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     gradient_checkpointing: bool = doc(False, "trade compute for activation memory")
+    compile: bool = doc(False, "torch.compile the decoder layers (one wrapper per layer, dynamic shapes; compiled.py)")
     progress: bool = doc(True, "show a progress bar (stderr)")
     group_by_length: bool = doc(False, "batch examples of like length together (sorted within mega-batches, as transformers' "
                                        "LengthGroupedSampler, then the batches shuffled): "
@@ -112,6 +116,8 @@ def check_config(cfg: SFTConfig) -> None:
     check_finite_floats(e, cfg)
     if cfg.output_dir:
         e += output_dir_problems(Path(cfg.output_dir))
+    if cfg.compile and (problem := check_compiler("cuda" if torch.cuda.is_available() else "cpu")):
+        e.append(problem)
     raise_if(e)
     if cfg.lora_r > 0:
         require_peft(f"lora_r={cfg.lora_r}")
@@ -236,7 +242,7 @@ def target_nll(model, batch: dict) -> torch.Tensor:
     labels = batch["labels"][:, 1:]  # [B, L-1]: position t predicts token t+1
     mask = labels != -100
     safe = labels.clamp(min=0)  # -100 -> a valid id, masked out below
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if supports_scored_head(model):
         with scored_head(model, safe) as scorer:
             model(**inputs, logits_to_keep=labels.shape[1] + 1)
@@ -345,8 +351,10 @@ def run_sft(cfg: SFTConfig) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
     model.train()
+    inner = accelerator.unwrap_model(model)
     start = time.perf_counter()
-    losses, tokens, skipped = train_epochs(model, accelerator, optimizer, items, cfg, pad_id)
+    with using_layers(inner, compile_layers(inner) if cfg.compile else None):  # saved below with its own layers
+        losses, tokens, skipped = train_epochs(model, accelerator, optimizer, items, cfg, pad_id)
     runtime = time.perf_counter() - start
     tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum").item())
     summary = {
