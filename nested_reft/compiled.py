@@ -32,9 +32,9 @@ def check_compiler(device_type: str) -> str | None:
     (torch._inductor.config.cpp.cxx, g++ by default); GPU kernels come from Triton instead."""
     if device_type != "cpu":
         return None
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
     try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
         get_cpp_compiler()
     except Exception as exc:  # InvalidCxxCompiler, or the search's own OSError
         return (f"compile=true on CPU needs a C++ compiler for torch.compile ({exc}); install one (for example "

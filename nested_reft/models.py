@@ -270,7 +270,7 @@ def merged_adapters(model: nn.Module):
     of its base weight (W + (alpha/r) B A, in W's dtype) and the adapter bypassed: one product where the
     adapter path takes three. Layers whose base weight is shared (a tied head) keep their adapter. On exit the
     base weights are the original tensors again (bit for bit) and the adapters are back as they were.
-    Costs one temporary copy of every adapted weight."""
+    Costs one temporary copy of every adapted weight, in the base weights' dtype."""
     from peft.tuners.lora import LoraLayer
 
     shared = {id(model.get_input_embeddings().weight)} if hasattr(model, "get_input_embeddings") else set()
@@ -282,14 +282,17 @@ def merged_adapters(model: nn.Module):
                     continue
                 base = m.get_base_layer()
                 names = [name for name in m.active_adapters if name in m.lora_A]
+                if not names:
+                    continue
                 plain = all(getattr(m, "lora_variant", {}).get(name) is None and not getattr(m, "lora_bias", {}).get(name)
                             for name in names)  # no DoRA-like variant, no adapter bias
                 if not plain or id(base.weight) in shared or not hasattr(m, "get_delta_weight"):
                     continue
                 weight = base.weight.data
-                delta = sum(m.get_delta_weight(name) for name in names)
+                with torch.autocast(weight.device.type, enabled=False):  # B A in the adapters' own precision
+                    delta = sum(m.get_delta_weight(name) for name in names)
                 swapped.append((m, base, weight))
-                base.weight.data = weight + delta.to(weight.dtype)
+                base.weight.data = (weight.float() + delta.float()).to(weight.dtype)  # rounded once
                 m._disable_adapters = True  # peft's enable_adapters(False) would also switch requires_grad off
         yield len(swapped)
     finally:

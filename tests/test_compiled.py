@@ -1,19 +1,17 @@
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_model
 from nested_reft import trainer
-from nested_reft.compiled import compile_layers, using_layers
+from nested_reft.compiled import check_compiler, compile_layers, using_layers
 from nested_reft.config import ConfigError
 from nested_reft.nested import find_layers
 from test_trainer import alternating_rewards, params, read_metrics, small_cfg  # noqa: F401 (fixture)
 
 # inductor compiles C++ on the CPU: without a compiler torch.compile cannot run at all
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
-                                    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)")
+needs_compiler = pytest.mark.skipif(check_compiler("cpu") is not None,
+                                    reason="torch.compile on CPU needs a C++ compiler (torch finds none)")
 
 
 def test_using_layers_swaps_the_decoder_list_and_restores_it_also_on_error():

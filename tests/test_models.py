@@ -80,7 +80,7 @@ def test_merged_model_equals_base_plus_adapter_and_loads_as_a_plain_model(tmp_pa
     assert config["base_model_name_or_path"] == str((toy_dir / "model").absolute()) and config["r"] == 8
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "merged").eval()
     assert type(merged).__name__ == "Qwen2ForCausalLM" and not any("lora" in k for k in merged.state_dict())
-    ids = torch.randint(4, 500, (3, 24))
+    ids = torch.randint(4, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))  # toy vocab: 497
     with torch.no_grad():
         want = wrapped(input_ids=ids).logits
         got = merged(input_ids=ids).logits

@@ -354,14 +354,16 @@ def test_compiled_sft_trains_like_eager_and_saves_plain_keys(toy, tmp_path, laye
     compiled = run_sft(config(toy, tmp_path / "compiled", layer_drop=layer_drop, epochs=2, compile=True))
     assert compiled["updates"] == eager["updates"] == 4
     assert compiled["loss_curve"] == pytest.approx(eager["loss_curve"], rel=1e-4)
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "eager").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled").state_dict()
-    assert a.keys() == b.keys()  # the model's own names, no compiled wrapper's
+    from safetensors import safe_open
+
+    keys = [set(safe_open(str(tmp_path / v / "model.safetensors"), "pt").keys()) for v in ("eager", "compiled")]
+    assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1])  # the model's own names
     # float rounding differs (fused kernels) and AdamW's first steps magnify it in tiny gradients: compare
     # what the weights do
     assert batch_loss(tmp_path / "compiled", toy) == pytest.approx(batch_loss(tmp_path / "eager", toy), rel=1e-3)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA, sft compiles with Triton and needs no C++ compiler")
 def test_compile_without_a_cpp_compiler_is_refused_before_writing(toy, tmp_path):
     import torch._inductor.config as inductor
 

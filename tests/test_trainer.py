@@ -610,7 +610,7 @@ def lora_cfg(toy_dir, out, **kw):
     return small_cfg(toy_dir, out, lora_r=8, **kw)
 
 
-def test_lora_merge_rollouts_samples_what_the_adapters_sample(toy_dir, tmp_path, alternating_rewards):
+def test_lora_merge_rollouts_samples_what_the_adapters_sample(toy_dir, tmp_path, alternating_rewards, monkeypatch):
     """Rollouts from the adapters folded into the weights: the same tokens as the adapter path (fp32), and
     the importance weights of a nothing-skipped run stay 1 to rounding; the update still trains the adapters."""
     runs = {merge: trainer.setup(lora_cfg(toy_dir, tmp_path / str(merge), lora_merge_rollouts=merge))
@@ -621,7 +621,16 @@ def test_lora_merge_rollouts_samples_what_the_adapters_sample(toy_dir, tmp_path,
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
     prompts = trainer.local_prompts(runs[True], 0)
+    entered = []
+    real = trainer.merged_adapters
+
+    def spy(model):
+        entered.append(1)
+        return real(model)
+
+    monkeypatch.setattr(trainer, "merged_adapters", spy)
     plain, merged = (trainer.do_rollouts(runs[m], prompts, (), 0) for m in (False, True))
+    assert entered == [1]  # only the run with the option merged its adapters
     assert torch.equal(plain.completion_ids, merged.completion_ids)
     torch.testing.assert_close(merged.behavior_logprobs, plain.behavior_logprobs, rtol=0, atol=1e-4)
     before = params(runs[True].model)
