@@ -56,6 +56,7 @@ from nested_reft.models import (apply_lora, load_model_and_tokenizer, require_pe
                                 trainable_parameters)
 from nested_reft.nested import enable_activation_checkpointing
 from nested_reft.objectives import token_logprobs
+from nested_reft.trainer import advance
 
 
 @dataclass
@@ -314,7 +315,7 @@ def train_epochs(model, accelerator, optimizer, items: list, cfg: SFTConfig, pad
             micro = [{k: v.to(accelerator.device) for k, v in m.items()} for m in micro]
             skip = update_skip_set(accelerator.unwrap_model(model), cfg, epoch * per_epoch + u // cfg.grad_accum_steps)
             loss, n, applied = train_update(model, accelerator, optimizer, micro, cfg.max_grad_norm, skip)
-            scheduler.step()
+            advance(scheduler)
             tokens, skipped = tokens + n, skipped + (not applied)
             losses += [loss] if applied else []
             bar.update(1)

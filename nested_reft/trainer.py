@@ -31,6 +31,7 @@ Choices:
 """
 
 import math
+import re
 import signal
 import sys
 import threading
@@ -204,6 +205,18 @@ def make_scheduler(cfg: TrainConfig, optimizer):
 
 
 # ---- what each step uses: pure functions of (seed, step) ----------------------------------------
+
+
+#: torch warns when the schedule moves before the optimizer's first step: a skipped (non-finite) first update.
+SKIPPED_FIRST_UPDATE = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+
+
+def advance(scheduler) -> None:
+    """One step of the learning-rate schedule, which follows the steps whether or not their update was
+    applied (without torch's warning for a skipped first update)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(SKIPPED_FIRST_UPDATE))
+        scheduler.step()
 
 
 def step_prompt_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -441,7 +454,7 @@ def rl_step(run: Run, step: int) -> dict:
             upd = update(run, rollout, advantages, old_lp, ref_lp, meter)
     if meter is not None:
         run.profile = reduce_profile(run, meter)  # what the next step's draw uses
-    run.scheduler.step()
+    advance(run.scheduler)
     t2 = time.perf_counter()
     _, hm = importance_weights(upd.targets, rollout.behavior_logprobs, rollout.completion_mask, cfg.mitigation,
                                cfg.lam, cfg.is_level, cap=cfg.is_cap, cap_low=cfg.is_cap_low)

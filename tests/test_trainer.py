@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -89,9 +90,13 @@ def test_non_finite_loss_skips_the_update(toy_dir, tmp_path, alternating_rewards
     real = trainer.policy_loss
     monkeypatch.setattr(trainer, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), {}))
     before = params(run.model)
-    m = trainer.rl_step(run, 0)
+    lr = run.scheduler.get_last_lr()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lr_scheduler.step")  # torch's, for a skipped first update
+        m = trainer.rl_step(run, 0)
     assert m["skipped_update"] and m["loss"] is None
     assert all(torch.equal(before[k], v) for k, v in params(run.model).items())
+    assert run.scheduler.last_epoch == 1 and run.scheduler.get_last_lr() != lr  # the schedule follows the steps
 
 
 def read_metrics(out):
