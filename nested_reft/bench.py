@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nested_reft.floor import Floor, Machine, ModelShape, measure_machine, model_shape, rollout_floor
+from nested_reft.floor import Floor, Machine, ModelShape, measure_machine, model_shape, rollout_floor, sync
 from nested_reft.layer_skip import check_skip_config, num_skipped, sample_skip_set
 from nested_reft.nested import num_layers
 from nested_reft.rollout import SamplingConfig, generate
@@ -140,29 +140,24 @@ def load_bench_model(cfg: BenchConfig):
     return model.to(device=device, dtype=dtype).eval(), device
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_engine(model, prompts, cfg: BenchConfig, skip, generator, device) -> float:
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     generate(model, prompts, cfg.num_generations, sampling, None, 0, skip=skip, generator=generator)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
 def _time_hf_generate(model, prompts, cfg: BenchConfig, device) -> float:
     ids = torch.tensor(prompts, device=device).repeat_interleave(cfg.num_generations, dim=0)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=cfg.temperature,
                    top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
                    min_new_tokens=cfg.max_new_tokens, pad_token_id=0, eos_token_id=None)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -414,5 +409,5 @@ def profile_rollout(model, cfg: BenchConfig, skip=()) -> dict:
 
 
 def _now(device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     return time.perf_counter()

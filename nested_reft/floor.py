@@ -83,7 +83,8 @@ def rollout_floor(shape: ModelShape, machine: Machine, rows: int, prompt_len: in
     return Floor(compute, weights, kv, floor)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a wall-clock timing covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -93,10 +94,10 @@ def _fastest(fn, device, repeats: int, budget_s: float) -> float:
     fn()
     best, spent = float("inf"), 0.0
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         took = time.perf_counter() - start
         best, spent = min(best, took), spent + took
         if spent > budget_s:
