@@ -12,6 +12,8 @@ Choices:
   efficiency = measured / ideal.
 - `compare_generate` also times HF `model.generate()` (the path TRL uses without vLLM) on the full model
   with the same sampling settings, interleaved with the engine, and reports the engine/generate ratio.
+- `cuda_graphs` runs the engine's variants with their one-token steps replayed from CUDA graphs
+  (decode_graphs.py) and adds the full model decoded eagerly to the rotation, for the graphs' speedup.
 - `floor` adds each variant's share of the machine's floor (floor.py: the arithmetic at the rate this
   device multiplies the model's matrices, and the weight and KV-cache reads at its copy bandwidth): how
   far the decode loop is from what the hardware allows, for the engine and for generate().
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nested_reft.decode_graphs import graphs_problem
 from nested_reft.floor import Floor, Machine, ModelShape, measure_machine, model_shape, rollout_floor, sync
 from nested_reft.layer_skip import check_skip_config, num_skipped, sample_skip_set
 from nested_reft.nested import num_layers
@@ -70,6 +73,7 @@ class BenchConfig:
     mode: str = "rollout"  # rollout: the decode loop alone; step: whole RL steps (rollout, reward, update)
     micro_batch_size: int = 4  # step mode: prompts per forward/backward pass of the update
     floor: bool = False  # rollout mode: also report each variant's share of the machine's floor (floor.py)
+    cuda_graphs: bool = False  # the engine replays its decode steps from CUDA graphs (rollout mode: also times it eager)
 
     def validate(self) -> None:
         if self.model is None and self.preset not in PRESETS:
@@ -140,12 +144,13 @@ def load_bench_model(cfg: BenchConfig):
     return model.to(device=device, dtype=dtype).eval(), device
 
 
-def _time_engine(model, prompts, cfg: BenchConfig, skip, generator, device) -> float:
+def _time_engine(model, prompts, cfg: BenchConfig, skip, generator, device, graphs: bool = False) -> float:
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens)
     sync(device)
     start = time.perf_counter()
-    generate(model, prompts, cfg.num_generations, sampling, None, 0, skip=skip, generator=generator)
+    generate(model, prompts, cfg.num_generations, sampling, None, 0, skip=skip, generator=generator,
+             cuda_graphs=graphs)
     sync(device)
     return time.perf_counter() - start
 
@@ -165,6 +170,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
     """Measure every variant; returns one result dict per ratio (see module docstring)."""
     cfg.validate()
     model, device = load_bench_model(cfg)
+    if cfg.cuda_graphs and (problem := graphs_problem(model, device)):
+        raise ValueError(problem)
     n = num_layers(model)
     for x in cfg.ratios:
         check_skip_config(n, x, cfg.border)
@@ -172,7 +179,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
     vocab = model.get_input_embeddings().num_embeddings
     prompts = torch.randint(1, vocab, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    variants = ["full", *cfg.ratios] + (["generate"] if cfg.compare_generate else [])
+    variants = (["full", *cfg.ratios] + (["eager"] if cfg.cuda_graphs else [])
+                + (["generate"] if cfg.compare_generate else []))
     times = {v: [] for v in variants}
     for rnd in range(cfg.warmup + cfg.repeats):
         shift = rnd % len(variants)
@@ -180,8 +188,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
             if v == "generate":
                 t = _time_hf_generate(model, prompts, cfg, device)
             else:
-                skip = () if v == "full" else sample_skip_set(n, v, cfg.border, g)
-                t = _time_engine(model, prompts, cfg, skip, sample_gen, device)
+                skip = () if v in ("full", "eager") else sample_skip_set(n, v, cfg.border, g)
+                t = _time_engine(model, prompts, cfg, skip, sample_gen, device, cfg.cuda_graphs and v != "eager")
             if rnd >= cfg.warmup:
                 times[v].append(t)
         if progress:
@@ -206,6 +214,9 @@ def summarise(times: dict, cfg: BenchConfig, n: int, device: str) -> list[dict]:
         if "generate" in times:
             gen = statistics.median(times["generate"])
             row.update(generate_tokens_per_s=tokens / gen, engine_vs_generate=gen / full)
+        if "eager" in times:  # the variants ran with CUDA graphs; the full model also without
+            eager = statistics.median(times["eager"])
+            row.update(eager_tokens_per_s=tokens / eager, graphs_vs_eager=eager / full)
         results.append(row)
     return results
 
@@ -226,8 +237,9 @@ def add_floor(results: list[dict], times: dict, cfg: BenchConfig, shape: ModelSh
                    full_floor=full._asdict(), nested_floor_s=nested.floor_s,
                    full_floor_share=full.floor_s / statistics.median(times["full"]),
                    nested_floor_share=nested.floor_s / statistics.median(times[row["ratio"]]))
-        if "generate" in times:
-            row["generate_floor_share"] = full.floor_s / statistics.median(times["generate"])
+        for name in ("generate", "eager"):
+            if name in times:
+                row[f"{name}_floor_share"] = full.floor_s / statistics.median(times[name])
 
 
 def device_name(device: torch.device) -> str:
@@ -247,6 +259,10 @@ def format_table(results: list[dict]) -> str:
         r = results[0]
         lines.append(f"\nengine vs HF generate() on the full model: {r['engine_vs_generate']:.3f}x "
                      f"({r['full_tokens_per_s']:.1f} vs {r['generate_tokens_per_s']:.1f} tok/s)")
+    if results and "graphs_vs_eager" in results[0]:
+        r = results[0]
+        lines.append(f"\nCUDA graphs vs the eager decode loop on the full model: {r['graphs_vs_eager']:.3f}x "
+                     f"({r['full_tokens_per_s']:.1f} vs {r['eager_tokens_per_s']:.1f} tok/s)")
     if results and "full_floor" in results[0]:
         lines.append(format_floor(results))
     lines.append(f"\ndevice: {results[0]['device']}")
@@ -262,6 +278,8 @@ def format_floor(results: list[dict]) -> str:
            f"{f['kv_s']:.3f} s)",
            f"share of the floor reached: full model {r['full_floor_share']:.1%}"]
     out[-1] += "".join(f", x = {x['ratio']:.2f} {x['nested_floor_share']:.1%}" for x in results)
+    if "eager_floor_share" in r:
+        out[-1] += f", full model without CUDA graphs {r['eager_floor_share']:.1%}"
     if "generate_floor_share" in r:
         out[-1] += f", HF generate() {r['generate_floor_share']:.1%}"
     return "\n".join(out)
@@ -304,7 +322,7 @@ def _step_config(cfg: BenchConfig, model_dir: str, prompts: str, ratio: float, o
                        batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                        rollout_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
                        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, skip_ratio=ratio,
+                       temperature=cfg.temperature, top_p=cfg.top_p, skip_ratio=ratio, cuda_graphs=cfg.cuda_graphs,
                        border=cfg.border if ratio > 0 else 0, steps=cfg.warmup + cfg.repeats, lr=1e-6,
                        device=cfg.device, bf16="true" if resolve_dtype(cfg.dtype, resolve_device(cfg.device))
                        == torch.bfloat16 else "false", progress=False)

@@ -60,6 +60,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--floor", action="store_true",
                    help="also measure the device's matmul rate and memory bandwidth and report each variant's "
                         "share of its floor (arithmetic, weight and KV-cache reads; docs/benchmarks.md)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with CUDA graphs (CUDA, full-attention models); rollout mode also times the full "
+                        "model without them")
     p.add_argument("--json", action="store_true", help="print one JSON object per ratio")
     p.add_argument("--profile", action="store_true",
                    help="also print where a full-model rollout's time goes (embedding, layers, LM head, rest)")
@@ -74,7 +77,8 @@ def _run_bench(args) -> int:
                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                       warmup=args.warmup, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       device=args.device, dtype=args.dtype, compare_generate=args.compare_generate,
-                      mode=args.mode, micro_batch_size=args.micro_batch_size, floor=args.floor)
+                      mode=args.mode, micro_batch_size=args.micro_batch_size, floor=args.floor,
+                      cuda_graphs=args.cuda_graphs)
     try:
         cfg.validate()
     except ValueError as exc:

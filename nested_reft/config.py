@@ -334,7 +334,10 @@ class TrainConfig:
     device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
     bf16: str = doc("auto", "bfloat16 autocast: auto (on CUDA GPUs that support it), true or false")
     gradient_checkpointing: bool = doc(False, "recompute activations in the backward pass to save memory")
-    compile: bool = doc(False, "torch.compile the decoder layers for the update's passes (not FSDP; the decode loop stays eager)")
+    compile: bool = doc(False, "torch.compile the decoder layers for the update's passes (not FSDP; the decode loop "
+                               "stays eager, see cuda_graphs)")
+    cuda_graphs: bool = doc(False, "replay the rollouts' one-token decode steps from CUDA graphs (CUDA, full-attention "
+                                   "models, not FSDP; docs/rollout.md)")
     progress: bool = doc(True, "show a progress bar")
     collective_timeout_s: int = doc(600, "seconds before a stalled collective (dead peer process) aborts the run")
     disable_dropout: bool = doc(True, "switch the policy's dropout off (rollouts and pi_old run without it; TRL's default)")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nested_reft.config import doc, output_dir_problems
 from nested_reft.data import Example, encode_prompt, load_examples, resolve_template
+from nested_reft.decode_graphs import graphs_problem
 from nested_reft.rewards import extract_answer, math_reward
 from nested_reft.models import context_length, eos_ids
 from nested_reft.rollout import SamplingConfig, completion_texts, generate
@@ -57,6 +58,7 @@ class EvalConfig:
     device: str = doc("auto", "auto (CUDA when present), cpu or cuda")
     dtype: str = doc("auto", "auto (bf16 on CUDA), float32, bfloat16 or float16")
     progress: bool = doc(True, "show a progress bar over problems (stderr)")
+    cuda_graphs: bool = doc(False, "replay the one-token decode steps from CUDA graphs (CUDA, full-attention models)")
     skip_layers: list[int] | None = doc(None, "evaluate the nested model with these layer indices skipped (e.g. a behaviour model); default: the full model")
 
     @property
@@ -140,7 +142,8 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], cfg: EvalConf
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start:start + cfg.batch_size]
         roll = generate(model, [prompts[i] for i in chunk], cfg.n, sampling_config(cfg, budget),
-                        eos, pad, skip=tuple(cfg.skip_layers or ()), generator=generator)  # rows [B*n, L], prompt-major
+                        eos, pad, skip=tuple(cfg.skip_layers or ()), generator=generator,
+                        cuda_graphs=cfg.cuda_graphs)  # rows [B*n, L], prompt-major
         lengths = roll.completion_mask.sum(-1).tolist()  # tokens up to and including EOS
         for row, text in enumerate(completion_texts(tokenizer, roll)):
             out[chunk[row // cfg.n]].append((text, int(lengths[row])))
@@ -191,6 +194,8 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalCo
             check_skip(cfg.skip_layers, num_layers(model), type(model).__name__)
         except (IndexError, ValueError) as exc:
             raise ValueError(f"eval: skip_layers: {exc}") from exc
+    if cfg.cuda_graphs and (problem := graphs_problem(model, next(model.parameters()).device)):
+        raise ValueError(f"eval: {problem}")
     prompts = {name: [encode_prompt(tokenizer, ex.problem, template) for ex in exs] for name, exs in benchmarks.items()}
     budgets = {name: token_budget(model, name, prompts[name], exs, cfg.max_new_tokens)
                for name, exs in benchmarks.items()}

@@ -9,6 +9,8 @@ Choices:
   are a quarter of it (their cache rows are dropped in one copy), so a finished row stops costing a
   full row's forward; a row's tokens do not depend on which other rows are still decoding (up to the
   float rounding of a different batch size in the matrix products: log-probs within 1e-6, docs/rollout.md).
+  The steps go through a decoder: `EagerDecoder` (the default), or with `cuda_graphs` decode_graphs.py's
+  `GraphDecoder` (transformers' StaticCache, each batch composition's steps replayed from one CUDA graph).
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
   cloned into ordinary tensors so the trainer can use them in autograd. An FSDP2-sharded model decodes
   under no_grad instead: FSDP2 all-gathers parameters into buffers it reuses, and buffers created under
@@ -49,6 +51,7 @@ from typing import NamedTuple
 import torch
 
 from nested_reft.decode_attention import single_query_attention
+from nested_reft.decode_graphs import GraphDecoder, graphs_problem
 from nested_reft.kv_cache import decode_cache
 from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers, unwrap_adapters
@@ -190,18 +193,37 @@ def cache_kwarg(model) -> str:
 COMPACT_FRACTION = 0.25
 
 
-def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
-    """The KV-cached loop. ids/mask [N, P], uniforms [N, L] (None when greedy); returns completion ids,
-    mask and sampled log-probs [N, L]. `all_done(local_done: bool) -> bool`: see the module doc.
-    Rows that have emitted EOS leave the batch once they are a quarter of it (see `COMPACT_FRACTION`)."""
+class EagerDecoder:
+    """The decode loop's default steps: the preallocated cache of kv_cache.py, read up to its filled part."""
+
+    def __init__(self, model, capacity: int):
+        self.model, self.cache, self.kwarg = model, decode_cache(model, capacity), cache_kwarg(model)
+
+    def prefill(self, ids, full_mask, positions) -> torch.Tensor:
+        """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]."""
+        return self.model(input_ids=ids, attention_mask=full_mask[:, : ids.size(1)], position_ids=positions,
+                          use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache}).logits[:, -1]
+
+    def step(self, tok, positions, full_mask, filled: int) -> torch.Tensor:
+        """Logits [m, V] after tokens tok [m] at positions [m, 1], attending to the `filled` first positions."""
+        return self.model(input_ids=tok[:, None], attention_mask=full_mask[:, :filled], position_ids=positions,
+                          use_cache=True, **{self.kwarg: self.cache}).logits[:, -1]
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the cache rows `keep` [m']."""
+        self.cache.batch_select_indices(keep)
+
+
+def _decode(decoder, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):
+    """The KV-cached loop over `decoder`'s steps (EagerDecoder, or decode_graphs.GraphDecoder). ids/mask
+    [N, P], uniforms [N, L] (None when greedy); returns completion ids, mask and sampled log-probs [N, L].
+    `all_done(local_done: bool) -> bool`: see the module doc. Rows that have emitted EOS leave the batch
+    once they are a quarter of it (see `COMPACT_FRACTION`)."""
     n, p = ids.shape
     length = cfg.max_new_tokens
     full_mask = torch.cat([mask, mask.new_ones(n, length)], dim=1)  # [N, P+L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
-    cache = decode_cache(model, p + length)
-    kwarg = cache_kwarg(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{kwarg: cache})
+    logits = decoder.prefill(ids, full_mask, positions)  # [N, V]
     tokens = ids.new_full((n, length), pad_id)  # [N, L]
     logps = torch.zeros((n, length), dtype=torch.float32, device=ids.device)  # [N, L]
     rows = torch.arange(n, device=ids.device)  # [m]: the rows still in the batch
@@ -209,7 +231,6 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
     next_pos = positions[:, -1:] + 1  # [m, 1]
     end = None  # length at which all of this process's rows were done
     for t in range(length):
-        logits = out.logits[:, -1]  # [m, V]
         if t < cfg.min_new_tokens and eos.numel():
             logits = logits.index_fill(-1, eos, float("-inf"))
         tok, logp = sample(logits, cfg, None if uniforms is None else uniforms[rows, t])  # [m], [m]
@@ -226,9 +247,8 @@ def _decode(model, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: in
         if COMPACT_FRACTION * rows.numel() <= finished_rows < rows.numel():  # a pad-only row costs a full one
             keep = (~done).nonzero().squeeze(1)  # [m']
             rows, tok, done, next_pos, full_mask = rows[keep], tok[keep], done[keep], next_pos[keep], full_mask[keep]
-            cache.batch_select_indices(keep)
-        out = model(input_ids=tok[:, None], attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
-                    use_cache=True, **{kwarg: cache})
+            decoder.select(keep)
+        logits = decoder.step(tok, next_pos, full_mask, p + t + 1)  # [m, V]
         next_pos = next_pos + 1
     tokens, logps = tokens[:, : end or t + 1], logps[:, : end or t + 1]
     return tokens, completion_mask(tokens, eos), logps
@@ -259,15 +279,19 @@ def generate(
     skip: Sequence[int] = (),
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     all_done=None,
+    cuda_graphs: bool = False,
 ) -> Rollout:
     """Sample `num_generations` completions for each prompt (token-id lists) from the model with the
     layers in `skip` bypassed. Rows are ordered prompt-major: the G completions of a prompt are adjacent.
     `generator`: one for the batch, or one per prompt (then a prompt's samples do not depend on its batch).
-    `all_done`: a collective stop decision (FSDP; see the module doc)."""
+    `all_done`: a collective stop decision (FSDP; see the module doc). `cuda_graphs`: replay the one-token
+    steps from CUDA graphs (decode_graphs.py; CUDA, full-attention models)."""
     cfg.validate()
     if num_generations < 1:
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     device = next(model.parameters()).device
+    if cuda_graphs and (problem := graphs_problem(model, device)):
+        raise ValueError(problem)
     rows = [p for p in prompts for _ in range(num_generations)]
     ids, mask = left_pad(rows, pad_token_id, device)
     eos = eos_tensor(eos_token_id, device)
@@ -280,7 +304,11 @@ def generate(
     try:
         with skip_layers(model, skip):
             with _decode_mode(model), single_query_attention(model):
-                decoded = _decode(model, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
+                capacity = ids.size(1) + cfg.max_new_tokens
+                decoder = (GraphDecoder(model, capacity, cache_kwarg(model)) if cuda_graphs
+                           else EagerDecoder(model, capacity))
+                decoded = _decode(decoder, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
+                del decoder  # its cache (and graphs) go before the recompute pass
             tokens, cmask, logps = (t.clone() for t in decoded)
             if cfg.logprobs == "recompute":  # no graph: behaviour log-probs are constants of the update
                 with torch.no_grad():

@@ -50,6 +50,7 @@ from nested_reft.checkpoint import (TrainingError, prepare_output, restart_hint,
                                    write_summary, written_or_removed)
 from nested_reft.compiled import check_compiler, compile_layers, using_layers
 from nested_reft.config import ConfigError, TrainConfig, output_dir_problems, raise_if
+from nested_reft.decode_graphs import graphs_problem
 from nested_reft.data import DataError, encode_prompt, load_examples
 from nested_reft.distributed import (collective_failures, fsdp_requested, full_tensor, gather_rows, gather_tensor,
                                      global_sum, make_accelerator, shard_model, use_fsdp)
@@ -161,8 +162,13 @@ def setup(cfg: TrainConfig) -> Run:
         raise ConfigError("compile=true is not supported under FSDP (it shards each decoder layer); drop --compile")
     if cfg.compile and (problem := check_compiler(accelerator.device.type)):
         raise ConfigError(problem)
+    if cfg.cuda_graphs and fsdp:
+        raise ConfigError("cuda_graphs=true is not supported under FSDP (every forward is a collective); "
+                          "drop --cuda-graphs")
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     n = check_model(cfg, model)
+    if cfg.cuda_graphs and (problem := graphs_problem(model, accelerator.device)):
+        raise ConfigError(problem)
     prompts = load_prompts(cfg, tokenizer)
     check_context(cfg, model, prompts)
     world = accelerator.num_processes
@@ -295,7 +301,8 @@ def do_rollouts(run: Run, prompts: list[Prompt], skip, step: int) -> Rollout:
             chunk = [p.ids for p in prompts[i:i + cfg.rollout_batch_size]]
             parts.append(generate(policy, chunk, cfg.num_generations, sampling_config(cfg), eos,
                                   run.tokenizer.pad_token_id, skip=skip,
-                                  generator=gens[i:i + cfg.rollout_batch_size], all_done=all_done))
+                                  generator=gens[i:i + cfg.rollout_batch_size], all_done=all_done,
+                                  cuda_graphs=cfg.cuda_graphs))
     return merge_rollouts(parts, run.tokenizer.pad_token_id)
 
 

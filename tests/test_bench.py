@@ -33,6 +33,7 @@ def test_bench_cli_json_on_a_narrow_preset(capsys):
     (["--preset", "gpt9"], "preset='gpt9' is unknown"),
     (["--skip-ratio", "0.9", "--border", "13", "--hidden-size", "32"], "valid layers"),
     (["--repeats", "0"], "repeats must be >= 1"),
+    (["--cuda-graphs", "--device", "cpu", "--hidden-size", "32"], "cuda_graphs=true needs a CUDA device"),
 ])
 def test_bench_bad_input_exits_2(argv, msg, capsys):
     assert main(["bench", *argv]) == 2
@@ -97,3 +98,21 @@ def test_step_speedup_pairs_each_round_so_drift_cancels():
     out = summarise_steps({0.0: full, 0.15: nested}, [0.15], 28, "cpu")
     assert out["rows"][0]["measured_speedup"] == pytest.approx(1.1)  # the ratio of the medians would be 1.2
     assert out["rows"][0]["rollout_speedup"] == pytest.approx(1.1)
+
+
+def test_bench_with_cuda_graphs_times_the_eager_loop_beside_them(capsys, monkeypatch):
+    """--cuda-graphs: every engine variant decodes through decode_graphs (here with the CPU stand-in for a
+    graph's capture), and the full model also decodes eagerly in the same rotation."""
+    from test_decode_graphs import Captures, graphed
+
+    from nested_reft import bench
+
+    captures = Captures(record=False)
+    graphed(monkeypatch, captures)
+    monkeypatch.setattr(bench, "graphs_problem", lambda model, device: None)
+    rc = main(["bench", "--hidden-size", "32", "--skip-ratio", "0.15", "--batch-size", "1", "--num-generations", "2",
+               "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--cuda-graphs", "--floor"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "CUDA graphs vs the eager decode loop on the full model" in out and "without CUDA graphs" in out
+    assert captures.captures == 2 and captures.replays == 2  # full and x = 0.15: 2 steps after the prefill each

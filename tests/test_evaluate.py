@@ -56,7 +56,8 @@ def fake_generate(tokenizer, num_correct, calls):
     """Stands in for rollout.generate: sample s of a prompt answers correctly iff s < num_correct."""
     answers = {p: (meta.get("answer_alternatives") or [a])[0] for rows in BENCH.values() for p, a, meta in rows}
 
-    def generate(model, prompts, num_generations, cfg, eos_token_id, pad_token_id, skip=(), generator=None):
+    def generate(model, prompts, num_generations, cfg, eos_token_id, pad_token_id, skip=(), generator=None,
+                 cuda_graphs=False):
         calls.append(([len(p) for p in prompts], cfg))
         rows = []
         for prompt in prompts:
@@ -182,6 +183,7 @@ def test_cli_eval_json(tiny, data_dir, tmp_path, capsys):
     (["--k", "0"], "`k` must be >= 1"),
     (["--k", "3", "--num-samples", "2"], "`num_samples` must be >= k=3"),
     (["--batch-size", "0"], "`batch_size`"),
+    (["--cuda-graphs", "true", "--device", "cpu"], "cuda_graphs=true needs a CUDA device"),
 ])
 def test_cli_errors_exit_2(tiny, data_dir, capsys, extra, message):
     argv = ["eval", "--model", str(tiny[2]), "--benchmarks", "math500", "--data-dir", str(data_dir)] + extra

@@ -646,6 +646,33 @@ def test_lora_merge_rollouts_samples_what_the_adapters_sample(toy_dir, tmp_path,
     assert changed and all("lora_" in k for k in changed)  # the adapters trained; the base stayed bit for bit
 
 
+def test_cuda_graphs_reach_the_rollouts_of_a_training_run(toy_dir, tmp_path, alternating_rewards, monkeypatch):
+    """train --cuda-graphs decodes through decode_graphs (the CPU stand-in for a graph's capture here): the
+    same skip sets, tokens and update as the eager loop."""
+    from test_decode_graphs import Captures, graphed
+
+    captures = Captures(record=False)
+    metrics = {}
+    for graphs in (False, True):
+        if graphs:
+            graphed(monkeypatch, captures)
+            monkeypatch.setattr(trainer, "graphs_problem", lambda model, device: None)
+        cfg = small_cfg(toy_dir, tmp_path / str(graphs), skip_ratio=0.15, mitigation="retrace", steps=1,
+                        cuda_graphs=graphs)
+        trainer.train(cfg, trainer.setup(cfg))
+        metrics[graphs] = read_metrics(tmp_path / str(graphs))[0]
+    assert captures.captures >= 1 and captures.replays > 0
+    assert metrics[True]["skip_set"] == metrics[False]["skip_set"]
+    for key in ("loss", "reward_mean", "h_mean", "tokens_generated"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], abs=1e-5), key
+
+
+def test_cuda_graphs_on_cpu_are_refused_before_any_step(toy_dir, tmp_path):
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs a CUDA device"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", cuda_graphs=True, device="cpu"))
+    assert not (tmp_path / "r").exists()
+
+
 def test_lora_merge_rollouts_needs_lora():
     with pytest.raises(ConfigError, match=r"lora_merge_rollouts=true needs LoRA adapters \(lora_r > 0\)"):
         TrainConfig(model="m", lora_merge_rollouts=True).validate()
