@@ -15,8 +15,9 @@ Choices:
 - Sampling stays outside the graph (rollout.sample, the same uniforms), so tokens are drawn exactly as in
   the eager loop from logits that differ from the eager loop's by float rounding (attention sums over the
   whole capacity, where the masked positions weigh exactly 0).
-- Under bf16 autocast the graph casts the float32 weights at every replay, as the eager loop does at every
-  step (torch's autocast caches no casts under inference_mode); the cast kernels are part of the graph.
+- Under bf16 autocast the rollout decodes under no_grad, where autocast keeps one lower-precision copy of
+  each weight (rollout._decode_mode): the prefill makes them, before any capture, so the graphs read those
+  copies instead of casting every weight at every replay; generate drops them after the graphs.
 - Only for models whose cache is all full-attention layers (sliding windows and hybrid caches keep the
   eager loop) attending through SDPA or eager attention (flash-attention's unpadding reads lengths on the
   host), without a dynamic rotary scaling (it compares lengths on the host), not under FSDP (its forward is

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The device check of issue 14, prepared for a lent GPU (about 5 minutes on one H100): the CUDA-graph tests
+# The device check of issue 14, prepared for a lent GPU (about 6 minutes on one H100): the CUDA-graph tests
 # that CPU machines skip, then bf16 decoding at the qwen2.5-1.5b shape (random weights, 16 prompts x 8
 # completions x 256 tokens): the engine with CUDA graphs, the same engine eager, HF generate(), and the
-# floor (weight and KV-cache reads at the measured bandwidth), side by side in one run.
+# floor (weight and KV-cache reads at the measured bandwidth), side by side in one run; then the trainer's
+# mixed precision (bf16 autocast over float32 weights) decoding with each weight cast once per call against
+# at every token (scripts/autocast_decode_cost.py).
 #
 #   bash scripts/gpu_decode_check.sh OUT_DIR        # on the GPU machine, from the repository root
 #
@@ -21,3 +23,5 @@ $py -m nested_reft bench --preset qwen2.5-1.5b --batch-size 16 --num-generations
   > "$out/bench.json" 2> >(tee "$out/bench.err" >&2)
 $py -c "import json, sys; from nested_reft.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
   "$out/bench.json" | tee "$out/bench.txt"
+$py scripts/autocast_decode_cost.py --preset qwen2.5-1.5b --rows 16 --generations 8 --prompt-len 64 --tokens 256 \
+  --rounds 3 --device cuda 2>&1 | tee "$out/autocast.txt"

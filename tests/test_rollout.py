@@ -227,3 +227,50 @@ def test_plain_sampling_matches_the_general_path():
         ref = process_logits(logits, cfg)
         assert torch.equal(tok, sample_token(ref, False, u))
         torch.testing.assert_close(logp, ref.gather(-1, tok[:, None]).squeeze(-1), rtol=0, atol=2e-6)
+
+
+def weight_casts(model, run):
+    """How many times `run()` casts each of the model's weights (by storage) to another dtype."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr() for p in model.parameters()}
+    counts = Counter()
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].data_ptr() in weights:
+                counts[args[0].data_ptr()] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        result = run()
+    return counts, result
+
+
+def test_under_autocast_each_weight_is_cast_once_per_call_and_the_copies_are_dropped(qwen, monkeypatch):
+    """bf16 autocast over float32 weights (the trainer's mixed precision): the decode loop casts each weight
+    once, not at every token, and samples what the inference_mode loop samples; the copies are dropped when
+    generate returns (a second call in the same autocast casts again), and a forward that needs gradients in
+    the same autocast gets them."""
+    from nested_reft import rollout
+
+    cfg = SamplingConfig(max_new_tokens=6, min_new_tokens=6)
+
+    def run():
+        return generate(qwen, [[5, 6, 7], [8, 9]], 2, cfg, None, 0, generator=torch.Generator().manual_seed(0))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        counts, got = weight_casts(qwen, run)
+        assert counts and max(counts.values()) == 1  # prefill + 5 one-token steps, one cast per weight
+        again, _ = weight_casts(qwen, run)
+        assert again == counts  # the first call's copies were dropped, not kept for the caller
+        qwen(input_ids=torch.tensor([[5, 6, 7]])).logits.float().sum().backward()
+    assert all(p.grad is not None for p in qwen.parameters())
+    monkeypatch.setattr(rollout, "_decode_mode", lambda model, device: torch.inference_mode())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        counts, ref = weight_casts(qwen, run)
+    assert max(counts.values()) == 6  # the inference_mode loop casts every weight at every forward
+    assert torch.equal(got.completion_ids, ref.completion_ids)
+    assert torch.equal(got.behavior_logprobs, ref.behavior_logprobs)
