@@ -21,9 +21,9 @@ Choices:
 - Only for models whose cache is all full-attention layers (sliding windows and hybrid caches keep the
   eager loop) attending through SDPA or eager attention (flash-attention's unpadding reads lengths on the
   host), without a dynamic rotary scaling (it compares lengths on the host), not under FSDP (its forward is
-  a collective), and not on CPU, where there is no graph to
-  capture: there `GraphDecoder` can run its static steps with a stand-in `capture`, which is how the
-  tests check its bookkeeping against the eager loop.
+  a collective), and not on CPU, where there is no graph to capture: there `GraphDecoder` can run its
+  static steps with a stand-in `capture`, which is how the tests check its bookkeeping against the eager
+  loop.
 """
 
 from collections.abc import Callable

@@ -15,9 +15,10 @@ Choices:
   cloned into ordinary tensors so the trainer can use them in autograd. Under autocast (the trainer's bf16
   with float32 weights) it runs under no_grad instead, where autocast casts each weight once per call and
   keeps the copy (under inference_mode it casts every weight at every token: on a GPU, reading 4 bytes and
-  writing 2 per parameter on top of the 2 the product reads); the copies are dropped when generate returns. An FSDP2-sharded model decodes
-  under no_grad instead: FSDP2 all-gathers parameters into buffers it reuses, and buffers created under
-  inference_mode cannot be written outside it (the next training forward fails).
+  writing 2 per parameter on top of the 2 the product reads); the copies are dropped when generate
+  returns. An FSDP2-sharded model also decodes under no_grad: FSDP2 all-gathers parameters into buffers it
+  reuses, and buffers created under inference_mode cannot be written outside it (the next training
+  forward fails).
 - Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then an inverse-CDF draw:
   the token is the first whose cumulative probability exceeds u * (total mass), with one uniform u per
   row and step. The uniforms [N, L] are drawn up front, before decoding, either from one generator for
