@@ -16,8 +16,9 @@ Choices:
   the eager loop from logits that differ from the eager loop's by float rounding (attention sums over the
   whole capacity, where the masked positions weigh exactly 0).
 - Under bf16 autocast the rollout decodes under no_grad, where autocast keeps one lower-precision copy of
-  each weight (rollout._decode_mode): the prefill makes them, before any capture, so the graphs read those
-  copies instead of casting every weight at every replay; generate drops them after the graphs.
+  each trainable float32 weight (rollout._decode_mode): the prefill makes them, before any capture, so the
+  graphs read those copies instead of casting every weight at every replay; generate drops them after the
+  graphs. A LoRA run's frozen base weights are not kept by autocast: the graphs cast them at every replay.
 - Only for models whose cache is all full-attention layers (sliding windows and hybrid caches keep the
   eager loop) attending through SDPA or eager attention (flash-attention's unpadding reads lengths on the
   host), without a dynamic rotary scaling (it compares lengths on the host), not under FSDP (its forward is
@@ -26,6 +27,7 @@ Choices:
   loop.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -62,18 +64,30 @@ def graphs_problem(model, device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream of every capture on a device: one for the process, since cuBLAS keeps a workspace for
+    each stream it has run on."""
+    return torch.cuda.Stream(device)
+
+
 def capture_cuda_graph(forward: Callable[[], torch.Tensor], pool, stream) -> tuple[torch.Tensor, Callable,
                                                                                torch.Tensor]:
     """Run `forward` once on the side `stream` (the warm-up torch asks for before a capture; its output is
-    this step's), then capture it into a CUDA graph using memory `pool`. Returns (the warm-up's output, the
-    graph's replay, the output tensor every replay rewrites)."""
+    this step's), then capture it there into a CUDA graph using memory `pool`. Returns (the warm-up's output,
+    the graph's replay, the output tensor every replay rewrites). capture_begin/capture_end directly rather
+    than `torch.cuda.graph`, which synchronises the device and empties the allocator's cache at every capture
+    (a capture per compaction would hand the trainer's cached memory back each time)."""
+    graph = torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         first = forward()
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")  # other threads may use CUDA
+        try:
+            static_out = forward()
+        finally:
+            graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # other threads may use CUDA
-        static_out = forward()
     return first, graph.replay, static_out
 
 
@@ -86,7 +100,7 @@ class GraphDecoder:
         self.model, self.kwarg = model, cache_kwarg
         self.cache = StaticCache(config=model.config, max_cache_len=capacity)
         if capture is None:
-            pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+            pool, stream = torch.cuda.graph_pool_handle(), capture_stream(next(model.parameters()).device)
             capture = lambda forward: capture_cuda_graph(forward, pool, stream)  # noqa: E731
         self.capture = capture
         self.replay = None  # the current composition's graph, once captured

@@ -13,10 +13,11 @@ Choices:
   `GraphDecoder` (transformers' StaticCache, each batch composition's steps replayed from one CUDA graph).
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
   cloned into ordinary tensors so the trainer can use them in autograd. Under autocast (the trainer's bf16
-  with float32 weights) it runs under no_grad instead, where autocast casts each weight once per call and
-  keeps the copy (under inference_mode it casts every weight at every token: on a GPU, reading 4 bytes and
-  writing 2 per parameter on top of the 2 the product reads); the copies are dropped when generate
-  returns. An FSDP2-sharded model also decodes under no_grad: FSDP2 all-gathers parameters into buffers it
+  with float32 weights) it runs under no_grad instead, where autocast casts each trainable weight once per
+  call and keeps the copy (torch >= 2.10 keeps none under inference_mode, so every weight was cast at every
+  token: on a GPU, reading 4 bytes and writing 2 per parameter on top of the 2 the product reads); the
+  copies (2 bytes per parameter) are dropped when generate returns, also so that no later forward that
+  needs gradients can meet a copy made without them. Frozen weights (LoRA's base) are never kept. An FSDP2-sharded model also decodes under no_grad: FSDP2 all-gathers parameters into buffers it
   reuses, and buffers created under inference_mode cannot be written outside it (the next training
   forward fails).
 - Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then an inverse-CDF draw:

@@ -1,4 +1,5 @@
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ EOS = list(range(3, 20))  # frequent EOS: rows finish early and leave the batch,
 
 class Captures:
     """CPU stand-in for capture_cuda_graph, with a graph's semantics: at capture the step's Python runs once
-    while make_fx records the aten ops it calls; every replay re-runs those recorded ops on the same tensors
+    while make_fx records the aten ops it calls (transformers told a stream is capturing, so it takes the
+    branches it takes in a real capture); every replay re-runs those recorded ops on the same tensors
     (weights, cache buffers, input buffers), so whatever the Python decided at capture time (a shape, a
     branch, a value) stays as it was, as in a CUDA graph. Recording executes the step, so the cache is put
     back afterwards (a capture runs nothing). It checks the decoder's bookkeeping: inputs copied into the
@@ -40,7 +42,8 @@ class Captures:
             return first, lambda: self.count(out.copy_(forward())), out
         state = [t for layer in decoder.cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
         saved = [t.clone() for t in state]
-        recorded = make_fx(lambda: forward())()  # a bound method would count `self` as an input
+        with mock.patch("transformers.utils.import_utils.is_cuda_stream_capturing", lambda: True):
+            recorded = make_fx(lambda: forward())()  # transformers' capture-time branches, as on CUDA
         for t, before in zip(state, saved if self.restore else state):
             t.copy_(before)
         return first, lambda: self.count(out.copy_(recorded())), out
@@ -81,6 +84,23 @@ def test_graphed_steps_sample_what_the_eager_loop_samples(family, monkeypatch):
     steps = got.completion_ids.size(1) - 1  # one-token forwards after the prefill
     assert captures.captures >= 2  # rows left the batch: a graph per batch composition
     assert captures.replays == steps - captures.captures > 0
+
+
+@pytest.mark.parametrize("prompts", [[[5, 6, 7], [8, 9, 10]], [[5, 6, 7, 8]]])
+def test_batches_without_padding(prompts, monkeypatch):
+    """With no row padded the mask is all ones: the causal mask alone must hide the cache slots not yet
+    written (a one-prompt batch, or prompts of one length)."""
+    model = tiny_model("qwen2")
+    cfg = SamplingConfig(max_new_tokens=8)
+
+    def sampled(graphs):
+        return generate(model, prompts, 2, cfg, None, 0, generator=torch.Generator().manual_seed(0), cuda_graphs=graphs)
+
+    ref = sampled(False)
+    graphed(monkeypatch, Captures())
+    got = sampled(True)
+    assert torch.equal(got.completion_ids, ref.completion_ids)
+    torch.testing.assert_close(got.behavior_logprobs, ref.behavior_logprobs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("skip", [(), (1,), (1, 2)])
@@ -153,20 +173,23 @@ def _step_without_copies(self, tok, positions, full_mask):
     return self.out[:, -1]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2", "opt"])
-def test_a_graphed_step_never_reads_a_tensor_on_the_host(family):
+@pytest.mark.parametrize("family, attention, skip", [
+    *[(f, "sdpa", ()) for f in ("qwen2", "llama", "qwen3", "phi3", "olmo2", "gpt_neox", "gpt2", "opt")],
+    ("qwen2", "eager", ()), ("llama", "sdpa", (1, 2))])
+def test_a_graphed_step_never_reads_a_tensor_on_the_host(family, attention, skip):
     """What a CUDA graph cannot hold: a step that reads a tensor's value in Python (`.item()`, `bool()`, a
     data-dependent shape). Run with fake tensors, such a read raises; transformers takes its capture-safe
     branches there, as it does while a CUDA stream is capturing."""
     from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     model = MODELS[family]()
+    model.set_attn_implementation(attention)
     ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
     mask = (ids != 0).long()
     full_mask, positions = torch.cat([mask, mask.new_ones(2, 4)], 1), (mask.cumsum(-1) - 1).clamp(min=0)
-    decoder = dg.GraphDecoder(model, 7, rollout.cache_kwarg(model), capture=lambda forward: (forward(), None, None))
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), skip_layers(model, skip):
+        decoder = dg.GraphDecoder(model, 7, rollout.cache_kwarg(model), capture=lambda forward: (forward(), None, None))
         decoder.prefill(ids, full_mask, positions)
         with fake:
             for layer in decoder.cache.layers:
@@ -209,10 +232,21 @@ def test_a_transformers_whose_static_cache_counts_in_python_is_refused(monkeypat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("bf16", [False, True])
-def test_cuda_graphs_on_a_gpu(bf16):
+def test_cuda_graphs_on_a_gpu(bf16, monkeypatch):
     model = tiny_model("qwen2").cuda()
+    captures = []
+    real = dg.capture_cuda_graph
+    monkeypatch.setattr(dg, "capture_cuda_graph", lambda *a: captures.append(1) or real(*a))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        ref, got = run(model, False), run(model, True)
+        ref, first = run(model, False), run(model, True)  # the first also makes the capture stream's workspace
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        got = run(model, True)
+        torch.cuda.synchronize()
+        kept = sum(t.numel() * t.element_size() for t in got if isinstance(t, torch.Tensor))
+        assert torch.cuda.memory_allocated() - before <= kept + 16 * 512  # graphs, cache, cast copies all freed
+        assert len(captures) >= 4  # rows left the batch: a composition's graph retired while the next captured
+        assert torch.equal(got.completion_ids, first.completion_ids)
         with skip_layers(model, (1,)), torch.no_grad():
             forced = rollout.sequence_logprobs(model, got.prompt_ids, got.prompt_mask, got.completion_ids,
                                                got.completion_mask)

@@ -271,6 +271,6 @@ def test_under_autocast_each_weight_is_cast_once_per_call_and_the_copies_are_dro
     monkeypatch.setattr(rollout, "_decode_mode", lambda model, device: torch.inference_mode())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         counts, ref = weight_casts(qwen, run)
-    assert max(counts.values()) == 6  # the inference_mode loop casts every weight at every forward
+    assert max(counts.values()) == 6  # torch >= 2.10 keeps no copies under inference_mode: a cast per forward
     assert torch.equal(got.completion_ids, ref.completion_ids)
     assert torch.equal(got.behavior_logprobs, ref.behavior_logprobs)
