@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The device check of issue 14, prepared for a lent GPU (about 6 minutes on one H100): the CUDA-graph tests
+# The device check of issue 14, prepared for a lent GPU (about 7 minutes on one H100): the CUDA-graph tests
 # that CPU machines skip, then bf16 decoding at the qwen2.5-1.5b shape (random weights, 16 prompts x 8
 # completions x 256 tokens): the engine with CUDA graphs, the same engine eager, HF generate(), and the
 # floor (weight and KV-cache reads at the measured bandwidth), side by side in one run; then the trainer's
 # mixed precision (bf16 autocast over float32 weights) decoding with each weight cast once per call against
-# at every token (scripts/autocast_decode_cost.py).
+# at every token (scripts/autocast_decode_cost.py); then CUDA graphs against the eager loop on rollouts that
+# end at EOS, where each compaction captures again (scripts/graphs_cost.py).
 #
 #   bash scripts/gpu_decode_check.sh OUT_DIR        # on the GPU machine, from the repository root
 #
@@ -25,3 +26,5 @@ $py -c "import json, sys; from nested_reft.bench import format_table; print(form
   "$out/bench.json" | tee "$out/bench.txt"
 $py scripts/autocast_decode_cost.py --preset qwen2.5-1.5b --rows 16 --generations 8 --prompt-len 64 --tokens 256 \
   --rounds 3 --device cuda 2>&1 | tee "$out/autocast.txt"
+$py scripts/graphs_cost.py --preset qwen2.5-1.5b --rows 16 --generations 8 --prompt-len 64 --tokens 256 \
+  --eos-fraction 0.01 --rounds 3 2>&1 | tee "$out/graphs_eos.txt"

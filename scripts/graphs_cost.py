@@ -1,0 +1,70 @@
+"""The rollout engine with and without CUDA graphs (--cuda-graphs) on rollouts that end at EOS, where finished
+rows leave the batch and every batch composition is captured again: the same prompts and uniforms, rounds
+alternated, medians of the rollout time, captures per call, and whether the two sample the same tokens.
+`bench --cuda-graphs` measures fixed-length rollouts (one capture per call); this measures the other case.
+
+    python scripts/graphs_cost.py [--model DIR | --preset qwen2.5-1.5b] [--eos-fraction 0.01 --tokens 256]
+
+With random weights a real EOS id is almost never drawn, so the lowest `eos-fraction` of the vocabulary's ids
+all count as EOS (0.01 of Qwen2.5's vocabulary: completions of about 70 tokens).
+"""
+
+import argparse
+import statistics
+
+import torch
+
+from nested_reft import decode_graphs, rollout
+from nested_reft.bench import build_preset
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model directory (default: a random-weight --preset)")
+    p.add_argument("--preset", default="qwen2.5-1.5b")
+    p.add_argument("--rows", type=int, default=16, help="prompts")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--eos-fraction", type=float, default=0.01)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        model = build_preset(args.preset, None, seed=0)
+    model = model.to("cuda", getattr(torch, args.dtype)).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    eos = list(range(max(1, int(vocab * args.eos_fraction))))
+    prompts = torch.randint(len(eos), vocab, (args.rows, args.prompt_len),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+    cfg = rollout.SamplingConfig(max_new_tokens=args.tokens)
+    captures = []
+    real = decode_graphs.capture_cuda_graph
+    decode_graphs.capture_cuda_graph = lambda *a: captures.append(1) or real(*a)
+
+    def run(graphs):
+        return rollout.generate(model, prompts, args.generations, cfg, eos, 0,
+                                generator=torch.Generator().manual_seed(1), cuda_graphs=graphs)
+
+    first = {graphs: run(graphs) for graphs in (False, True)}  # warm-up, and the comparison of samples
+    times = {False: [], True: []}
+    captures.clear()
+    for r in range(args.rounds):
+        for graphs in ((False, True) if r % 2 == 0 else (True, False)):
+            torch.cuda.synchronize()
+            times[graphs].append(run(graphs).rollout_s)
+    a, b = first[False], first[True]
+    print({"device": torch.cuda.get_device_name(), "same_tokens": torch.equal(a.completion_ids, b.completion_ids),
+           "tokens": a.num_completion_tokens, "mean_length": a.completion_mask.sum(-1).float().mean().item(),
+           "captures_per_call": len(captures) / args.rounds, "rounds": args.rounds,
+           "eager s": round(statistics.median(times[False]), 3),
+           "cuda graphs s": round(statistics.median(times[True]), 3),
+           "eager / graphs": round(statistics.median(times[False]) / statistics.median(times[True]), 3)})
+
+
+if __name__ == "__main__":
+    main()
