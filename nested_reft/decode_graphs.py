@@ -88,6 +88,7 @@ def capture_cuda_graph(forward: Callable[[], torch.Tensor], pool, stream) -> tup
         finally:
             graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
+    first.record_stream(torch.cuda.current_stream())  # made on the side stream, read (and freed) on this one
     return first, graph.replay, static_out
 
 
