@@ -73,7 +73,7 @@ class BenchConfig:
     mode: str = "rollout"  # rollout: the decode loop alone; step: whole RL steps (rollout, reward, update)
     micro_batch_size: int = 4  # step mode: prompts per forward/backward pass of the update
     floor: bool = False  # rollout mode: also report each variant's share of the machine's floor (floor.py)
-    cuda_graphs: bool = False  # the engine replays its decode steps from CUDA graphs (rollout mode: also times it eager)
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (rollout mode: the full model also eager)
 
     def validate(self) -> None:
         if self.model is None and self.preset not in PRESETS:

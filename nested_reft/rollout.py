@@ -17,9 +17,9 @@ Choices:
   call and keeps the copy (torch >= 2.10 keeps none under inference_mode, so every weight was cast at every
   token: on a GPU, reading 4 bytes and writing 2 per parameter on top of the 2 the product reads); the
   copies (2 bytes per parameter) are dropped when generate returns, also so that no later forward that
-  needs gradients can meet a copy made without them. Frozen weights (LoRA's base) are never kept. An FSDP2-sharded model also decodes under no_grad: FSDP2 all-gathers parameters into buffers it
-  reuses, and buffers created under inference_mode cannot be written outside it (the next training
-  forward fails).
+  needs gradients can meet a copy made without them. Frozen weights (LoRA's base) are never kept. An
+  FSDP2-sharded model also decodes under no_grad: FSDP2 all-gathers parameters into buffers it reuses,
+  and buffers created under inference_mode cannot be written outside it (the next training forward fails).
 - Sampling = temperature, then top-k (off unless asked), then top-p (nucleus), then an inverse-CDF draw:
   the token is the first whose cumulative probability exceeds u * (total mass), with one uniform u per
   row and step. The uniforms [N, L] are drawn up front, before decoding, either from one generator for

@@ -7,12 +7,11 @@ whether the two sample the same tokens.
 """
 
 import argparse
-import statistics
 
 import torch
+from alternate import alternated, load_model
 
 from nested_reft import rollout
-from nested_reft.bench import build_preset
 
 
 def main() -> None:
@@ -28,13 +27,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    else:
-        model = build_preset(args.preset, None, seed=0)
-    model = model.float().to(args.device).eval()
+    model = load_model(args.model, args.preset).float().to(args.device)
     vocab = model.get_input_embeddings().num_embeddings
     prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
@@ -47,17 +40,12 @@ def main() -> None:
             return rollout.generate(model, prompts, args.generations, cfg, None, 0,
                                     generator=torch.Generator().manual_seed(1))
 
-    first = {mode: run(mode) for mode in modes}  # warm-up, and the comparison of samples
-    a, b = first.values()
-    times = {mode: [] for mode in modes}
-    for r in range(args.rounds):
-        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
-            times[mode].append(run(mode).rollout_s)
+    first, medians = alternated(run, list(modes), args.rounds)
     rollout._decode_mode = default
+    a, b = first.values()
     print({"same_tokens": torch.equal(a.completion_ids, b.completion_ids),
            "same_logprobs": torch.equal(a.behavior_logprobs, b.behavior_logprobs), "rounds": args.rounds,
-           **{f"{mode} s": round(statistics.median(t), 3) for mode, t in times.items()}})
-
+           **{f"{mode} s": round(m, 3) for mode, m in medians.items()}})
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,10 @@ model happens to draw it).
 """
 
 import argparse
-import statistics
 from contextlib import nullcontext
 
 import torch
-from transformers import AutoModelForCausalLM
+from alternate import alternated, load_model
 
 from nested_reft import rollout
 from nested_reft.decode_attention import single_query_attention
@@ -31,7 +30,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    model = load_model(args.model, None)
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=g).tolist()
@@ -43,17 +42,12 @@ def main() -> None:
         return rollout.generate(model, prompts, args.generations, cfg, args.eos, 0,
                                 generator=torch.Generator().manual_seed(1))
 
-    first = {path: run(path) for path in paths}  # warm-up, and the comparison of samples
+    first, medians = alternated(run, list(paths), args.rounds)
     a, b = first.values()
-    times = {path: [] for path in paths}
-    for r in range(args.rounds):
-        for path in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
-            times[path].append(run(path).rollout_s)
     print({"same_tokens": torch.equal(a.completion_ids, b.completion_ids),
            "max_logprob_difference": (a.behavior_logprobs - b.behavior_logprobs).abs().max().item(),
            "tokens": a.num_completion_tokens, "rounds": args.rounds,
-           **{f"{path} s": round(statistics.median(t), 3) for path, t in times.items()}})
-
+           **{f"{path} s": round(m, 3) for path, m in medians.items()}})
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,11 @@ all count as EOS (0.01 of Qwen2.5's vocabulary: completions of about 70 tokens).
 """
 
 import argparse
-import statistics
 
 import torch
+from alternate import alternated, load_model
 
 from nested_reft import decode_graphs, rollout
-from nested_reft.bench import build_preset
 
 
 def main() -> None:
@@ -30,13 +29,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-    else:
-        model = build_preset(args.preset, None, seed=0)
-    model = model.to("cuda", getattr(torch, args.dtype)).eval()
+    model = load_model(args.model, args.preset).to("cuda", getattr(torch, args.dtype))
     vocab = model.get_input_embeddings().num_embeddings
     eos = list(range(max(1, int(vocab * args.eos_fraction))))
     prompts = torch.randint(len(eos), vocab, (args.rows, args.prompt_len),
@@ -50,20 +43,13 @@ def main() -> None:
         return rollout.generate(model, prompts, args.generations, cfg, eos, 0,
                                 generator=torch.Generator().manual_seed(1), cuda_graphs=graphs)
 
-    first = {graphs: run(graphs) for graphs in (False, True)}  # warm-up, and the comparison of samples
-    times = {False: [], True: []}
-    captures.clear()
-    for r in range(args.rounds):
-        for graphs in ((False, True) if r % 2 == 0 else (True, False)):
-            torch.cuda.synchronize()
-            times[graphs].append(run(graphs).rollout_s)
+    first, medians = alternated(run, [False, True], args.rounds, before=torch.cuda.synchronize)
     a, b = first[False], first[True]
     print({"device": torch.cuda.get_device_name(), "same_tokens": torch.equal(a.completion_ids, b.completion_ids),
            "tokens": a.num_completion_tokens, "mean_length": a.completion_mask.sum(-1).float().mean().item(),
-           "captures_per_call": len(captures) / args.rounds, "rounds": args.rounds,
-           "eager s": round(statistics.median(times[False]), 3),
-           "cuda graphs s": round(statistics.median(times[True]), 3),
-           "eager / graphs": round(statistics.median(times[False]) / statistics.median(times[True]), 3)})
+           "captures_per_call": len(captures) / (args.rounds + 1), "rounds": args.rounds,  # warm-up call included
+           "eager s": round(medians[False], 3), "cuda graphs s": round(medians[True], 3),
+           "eager / graphs": round(medians[False] / medians[True], 3)})
 
 
 if __name__ == "__main__":
