@@ -67,3 +67,16 @@ def test_capacity_is_enforced():
     assert layer.get_seq_length() == 2
     with pytest.raises(RuntimeError, match="capacity 3 exceeded"):
         layer.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4))
+
+
+def test_compaction_copies_the_kept_rows_and_keeps_writing_after_them():
+    layer = PreallocatedLayer(capacity=6)
+    k, v = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 5)
+    layer.update(k, v)
+    layer.batch_select_indices(torch.tensor([3, 1]))
+    assert torch.equal(layer.keys, k[[3, 1]]) and torch.equal(layer.values, v[[3, 1]])
+    k2, v2 = torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 5)
+    keys, values = layer.update(k2, v2)
+    assert torch.equal(keys, torch.cat([k[[3, 1]], k2], dim=2)) and torch.equal(values, torch.cat([v[[3, 1]], v2], dim=2))
+    layer.batch_select_indices(torch.tensor([1]))  # a second compaction, from a compacted buffer
+    assert torch.equal(layer.keys, torch.cat([k[[1]], k2[[1]]], dim=2)) and layer.key_buffer.shape == (1, 2, 6, 5)
