@@ -114,12 +114,20 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     return ids.to(device), mask.to(device)
 
 
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [N, V] / temperature in float32, copying no more than once: at T = 1 they are returned as they
+    are (x / 1 is x exactly), and a low-precision input is divided in its float32 copy. At a 151,936-token
+    vocabulary and 128 rows on CPU the division's copy was a third of a plain sampling step."""
+    x = logits.float()
+    if temperature == 1.0:
+        return x
+    return x / temperature if x is logits else x.div_(temperature)
+
+
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature, top-k and top-p applied to logits [N, V]; returns log-probs [N, V] of the sampling
     distribution (excluded tokens get -inf)."""
-    logits = logits.float()
-    if cfg.temperature > 0:
-        logits = logits / cfg.temperature
+    logits = scaled_logits(logits, cfg.temperature) if cfg.temperature > 0 else logits.float()
     if cfg.top_k > 0 and cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # [N, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -154,7 +162,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor | No
     one softmax and its cumsum (no sort, no log-softmax over the vocabulary); the rest goes through
     process_logits. The two agree to float32 rounding (tests/test_rollout.py)."""
     if cfg.temperature > 0 and cfg.top_p >= 1.0 and cfg.top_k == 0:
-        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)  # [N, V]
+        probs = torch.softmax(scaled_logits(logits, cfg.temperature), dim=-1)  # [N, V]
         tok = inverse_cdf(probs, uniform)
         return tok, probs.gather(-1, tok[:, None]).squeeze(-1).log()
     logp = process_logits(logits, cfg)  # [N, V]

@@ -4,7 +4,8 @@ from conftest import tiny_model
 
 from nested_reft import skip_layers
 from nested_reft.nested import build_truncated_model
-from nested_reft.rollout import SamplingConfig, generate, left_pad, process_logits, sample_token, sequence_logprobs
+from nested_reft.rollout import (SamplingConfig, generate, left_pad, process_logits, sample_token, scaled_logits,
+                                 sequence_logprobs)
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 EOS, PAD = 3, 0
@@ -274,3 +275,13 @@ def test_under_autocast_each_weight_is_cast_once_per_call_and_the_copies_are_dro
     assert max(counts.values()) == 6  # torch >= 2.10 keeps no copies under inference_mode: a cast per forward
     assert torch.equal(got.completion_ids, ref.completion_ids)
     assert torch.equal(got.behavior_logprobs, ref.behavior_logprobs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scaled_logits_equal_the_plain_division_and_leave_the_input_alone(dtype, temperature):
+    logits = torch.randn(3, 11).to(dtype)
+    before = logits.clone()
+    got = scaled_logits(logits, temperature)
+    assert got.dtype == torch.float32 and torch.equal(got, logits.float() / temperature)
+    assert torch.equal(logits, before)
