@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from nested_reft.decode_attention import single_query_attention
 from nested_reft.decode_graphs import GraphDecoder, graphs_problem
@@ -209,13 +210,29 @@ COMPACT_FRACTION = 0.25
 class EagerDecoder:
     """The decode loop's default steps: the preallocated cache of kv_cache.py, read up to its filled part."""
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, group: int = 1):
         self.model, self.cache, self.kwarg = model, decode_cache(model, capacity), cache_kwarg(model)
+        self.group = group  # the rows come in runs of `group` copies of one prompt (its G completions)
 
     def prefill(self, ids, full_mask, positions) -> torch.Tensor:
-        """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]."""
-        return self.model(input_ids=ids, attention_mask=full_mask[:, : ids.size(1)], position_ids=positions,
-                          use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache}).logits[:, -1]
+        """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]. When the rows
+        are runs of `group` copies of a prompt, each prompt runs once and its cache rows and logits are
+        repeated (G times less prefill work)."""
+        g = self.group if self.shares_prefill(ids) else 1
+        logits = self.model(input_ids=ids[::g], attention_mask=full_mask[::g, : ids.size(1)],
+                            position_ids=positions[::g], use_cache=True, logits_to_keep=1,
+                            **{self.kwarg: self.cache}).logits[:, -1]  # [N / g, V]
+        if g == 1:
+            return logits
+        self.cache.batch_repeat_interleave(g)
+        return logits.repeat_interleave(g, dim=0)
+
+    def shares_prefill(self, ids) -> bool:
+        """Whether ids [N, P] are runs of `group` equal rows and every cache layer can repeat its rows."""
+        g, (n, p) = self.group, ids.shape
+        if g == 1 or n % g or not all(isinstance(layer, DynamicLayer) for layer in self.cache.layers):
+            return False
+        return torch.equal(ids.view(n // g, g, p), ids[::g, None].expand(n // g, g, p))
 
     def step(self, tok, positions, full_mask, filled: int) -> torch.Tensor:
         """Logits [m, V] after tokens tok [m] at positions [m, 1], attending to the `filled` first positions."""
@@ -322,7 +339,7 @@ def generate(
             with _decode_mode(model, device), single_query_attention(model):
                 capacity = ids.size(1) + cfg.max_new_tokens
                 decoder = (GraphDecoder(model, capacity, cache_kwarg(model)) if cuda_graphs
-                           else EagerDecoder(model, capacity))
+                           else EagerDecoder(model, capacity, num_generations))
                 decoded = _decode(decoder, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
                 del decoder  # its cache (and graphs) go before the recompute pass
             tokens, cmask, logps = (t.clone() for t in decoded)

@@ -285,3 +285,33 @@ def test_scaled_logits_equal_the_plain_division_and_leave_the_input_alone(dtype,
     got = scaled_logits(logits, temperature)
     assert got.dtype == torch.float32 and torch.equal(got, logits.float() / temperature)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "qwen2-sliding", "gemma3_text", "gpt2", "opt"])
+@pytest.mark.parametrize("skip", [(), (1,)])
+def test_a_prompt_is_prefilled_once_for_its_completions(family, skip, monkeypatch):
+    from test_decode_attention import MODELS
+
+    from nested_reft import rollout
+
+    model = MODELS[family]()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # left padding inside the shared prefill
+    cfg = SamplingConfig(max_new_tokens=6, min_new_tokens=2)
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    shared = generate(model, prompts, 4, cfg, 3, 0, skip=skip, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert rows[0] == (3, 5) and rows[1] == (12, 1)  # the prefill ran 3 prompts; the steps all 12 rows
+    monkeypatch.setattr(rollout.EagerDecoder, "shares_prefill", lambda self, ids: False)
+    full = generate(model, prompts, 4, cfg, 3, 0, skip=skip, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared.completion_ids, full.completion_ids)
+    torch.testing.assert_close(shared.behavior_logprobs, full.behavior_logprobs, rtol=0, atol=1e-6)
+
+
+def test_rows_that_are_not_runs_of_one_prompt_are_prefilled_row_by_row():
+    from nested_reft.rollout import EagerDecoder
+
+    decoder = EagerDecoder(tiny_model("qwen2"), 8, group=2)
+    assert decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4]]))
+    assert not decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4], [3, 5]]))
+    assert not decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4]]))  # not a whole number of runs
