@@ -6,10 +6,11 @@ Choices:
   are `PreallocatedLayer`s: [N, H, capacity, D] buffers allocated at the first update, written in place,
   read as views of the filled part. DynamicLayer concatenates the whole cache at every token (most of the
   decode loop's time on CPU at small widths); the values seen by attention are the same.
-  `batch_repeat_interleave` repeats each row G times after a prompt's shared prefill (rollout.EagerDecoder),
-  copying only the filled positions. `batch_select_indices` drops finished rows (the loop's compaction): new buffers, into which only the
-  filled positions of the kept rows are copied, by `index_select` (on CPU, advanced indexing of the whole
-  buffer took 4 to 6 times as long: 92-613 us against 16-60 us per buffer at the peer job's shapes).
+  `batch_select_indices(indices)` builds new buffers from the rows `indices` (repeats allowed), copying only
+  the filled positions: it drops finished rows (the loop's compaction) and copies a prompt's prefilled
+  rows to the rows that repeat it (rollout.EagerDecoder.prefill). It copies by `index_select`: on CPU,
+  advanced indexing of the whole buffer took 4 to 6 times as long (92-613 us against 16-60 us per buffer
+  at the peer job's shapes).
 """
 
 import torch
@@ -47,18 +48,10 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError("PreallocatedLayer serves the rollout loop (update, batch_repeat_interleave, "
-                                  "batch_select_indices); use a DynamicCache for beam search, cropping or offloading")
+        raise NotImplementedError("PreallocatedLayer serves the rollout loop (update, batch_select_indices); "
+                                  "use a DynamicCache for beam search, cache repetition or offloading")
 
-    reorder_cache = offload = prefetch = crop = _unsupported
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Each row `repeats` times, the copies adjacent (a prompt prefilled once for its G completions)."""
-        if self.is_initialized:
-            length = self.keys.shape[-2]
-            self.key_buffer = repeat_rows(self.key_buffer, repeats, length)
-            self.value_buffer = repeat_rows(self.value_buffer, repeats, length)
-            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+    reorder_cache = batch_repeat_interleave = offload = prefetch = crop = _unsupported
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows `indices` (finished rows leave the batch)."""
@@ -67,15 +60,6 @@ class PreallocatedLayer(DynamicLayer):
             self.key_buffer = select_rows(self.key_buffer, indices, length)
             self.value_buffer = select_rows(self.value_buffer, indices, length)
             self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
-
-
-def repeat_rows(buffer: torch.Tensor, repeats: int, length: int) -> torch.Tensor:
-    """A new [N * repeats, H, capacity, D] buffer holding each row of buffer [N, H, capacity, D] `repeats`
-    times in a run, at positions [:length]; the positions after it are left unwritten."""
-    n, rest = buffer.shape[0], buffer.shape[1:]
-    out = buffer.new_empty((n * repeats, *rest))
-    out.view(n, repeats, *rest)[:, :, :, :length].copy_(buffer[:, None, :, :length])  # broadcast over the copies
-    return out
 
 
 def select_rows(buffer: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:

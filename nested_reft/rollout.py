@@ -210,29 +210,35 @@ COMPACT_FRACTION = 0.25
 class EagerDecoder:
     """The decode loop's default steps: the preallocated cache of kv_cache.py, read up to its filled part."""
 
-    def __init__(self, model, capacity: int, group: int = 1):
+    def __init__(self, model, capacity: int):
         self.model, self.cache, self.kwarg = model, decode_cache(model, capacity), cache_kwarg(model)
-        self.group = group  # the rows come in runs of `group` copies of one prompt (its G completions)
 
     def prefill(self, ids, full_mask, positions) -> torch.Tensor:
-        """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]. When the rows
-        are runs of `group` copies of a prompt, each prompt runs once and its cache rows and logits are
-        repeated (G times less prefill work)."""
-        g = self.group if self.shares_prefill(ids) else 1
-        logits = self.model(input_ids=ids[::g], attention_mask=full_mask[::g, : ids.size(1)],
-                            position_ids=positions[::g], use_cache=True, logits_to_keep=1,
-                            **{self.kwarg: self.cache}).logits[:, -1]  # [N / g, V]
-        if g == 1:
+        """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]. Each distinct
+        prompt runs once (a prompt's G completions, or a batch that repeats prompts as TRL's does), and its
+        cache rows and logits are copied to the rows that repeat it."""
+        first, inverse = self.distinct_rows(ids, full_mask[:, : ids.size(1)])  # [U], [N]
+        logits = self.model(input_ids=ids[first], attention_mask=full_mask[first, : ids.size(1)],
+                            position_ids=positions[first], use_cache=True, logits_to_keep=1,
+                            **{self.kwarg: self.cache}).logits[:, -1]  # [U, V]
+        if first.numel() == ids.size(0):
             return logits
-        self.cache.batch_repeat_interleave(g)
-        return logits.repeat_interleave(g, dim=0)
+        self.cache.batch_select_indices(inverse)  # row i gets the cache row of its prompt's first occurrence
+        return logits.index_select(0, inverse)
 
-    def shares_prefill(self, ids) -> bool:
-        """Whether ids [N, P] are runs of `group` equal rows and every cache layer can repeat its rows."""
-        g, (n, p) = self.group, ids.shape
-        if g == 1 or n % g or not all(isinstance(layer, DynamicLayer) for layer in self.cache.layers):
-            return False
-        return torch.equal(ids.view(n // g, g, p), ids[::g, None].expand(n // g, g, p))
+    def distinct_rows(self, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first [U]: one row of each distinct (ids, mask) row of [N, P], its first occurrence; inverse [N]:
+        the position in `first` of each row's copy). All N rows, in order, when no two rows are equal or a
+        cache layer cannot copy rows."""
+        n, rows = ids.size(0), torch.arange(ids.size(0), device=ids.device)
+        if not all(isinstance(layer, DynamicLayer) for layer in self.cache.layers):
+            return rows, rows
+        _, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], dim=1), dim=0, return_inverse=True)  # [N]
+        distinct = int(inverse.max()) + 1
+        if distinct == n:
+            return rows, rows
+        first = ids.new_full((distinct,), n).scatter_reduce_(0, inverse, rows, "amin")  # [U]
+        return first, inverse
 
     def step(self, tok, positions, full_mask, filled: int) -> torch.Tensor:
         """Logits [m, V] after tokens tok [m] at positions [m, 1], attending to the `filled` first positions."""
@@ -339,7 +345,7 @@ def generate(
             with _decode_mode(model, device), single_query_attention(model):
                 capacity = ids.size(1) + cfg.max_new_tokens
                 decoder = (GraphDecoder(model, capacity, cache_kwarg(model)) if cuda_graphs
-                           else EagerDecoder(model, capacity, num_generations))
+                           else EagerDecoder(model, capacity))
                 decoded = _decode(decoder, ids, mask, cfg, eos, pad_token_id, uniforms, all_done)
                 del decoder  # its cache (and graphs) go before the recompute pass
             tokens, cmask, logps = (t.clone() for t in decoded)

@@ -33,11 +33,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=g).tolist()
     cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=0 if args.eos is not None else args.tokens)
-    shares = rollout.EagerDecoder.shares_prefill
-    paths = {"every row": lambda self, ids: False, "once per prompt": shares}
+    n = args.rows * args.generations
+    paths = {"every row": lambda self, ids, mask: (torch.arange(n),) * 2,
+             "once per prompt": rollout.EagerDecoder.distinct_rows}
 
     def run(path):
-        rollout.EagerDecoder.shares_prefill = paths[path]
+        rollout.EagerDecoder.distinct_rows = paths[path]
         return rollout.generate(model, prompts, args.generations, cfg, args.eos, 0,
                                 generator=torch.Generator().manual_seed(1))
 

@@ -82,12 +82,13 @@ def test_compaction_copies_the_kept_rows_and_keeps_writing_after_them():
     assert torch.equal(layer.keys, torch.cat([k[[1]], k2[[1]]], dim=2)) and layer.key_buffer.shape == (1, 2, 6, 5)
 
 
-def test_repeating_rows_copies_each_row_into_adjacent_rows():
+
+def test_selecting_a_row_twice_copies_it():
     layer = PreallocatedLayer(capacity=5)
     k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     layer.update(k, v)
-    layer.batch_repeat_interleave(3)
-    assert torch.equal(layer.keys, k.repeat_interleave(3, dim=0)) and torch.equal(layer.values, v.repeat_interleave(3, dim=0))
-    k2, v2 = torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
-    keys, _ = layer.update(k2, v2)
-    assert torch.equal(keys, torch.cat([k.repeat_interleave(3, dim=0), k2], dim=2)) and layer.key_buffer.shape == (6, 2, 5, 4)
+    layer.batch_select_indices(torch.tensor([1, 0, 1, 1]))
+    assert torch.equal(layer.keys, k[[1, 0, 1, 1]]) and torch.equal(layer.values, v[[1, 0, 1, 1]])
+    k2, v2 = torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4)
+    keys, _ = layer.update(k2, v2)  # the copies are separate rows from here on
+    assert torch.equal(keys, torch.cat([k[[1, 0, 1, 1]], k2], dim=2)) and layer.key_buffer.shape == (4, 2, 5, 4)

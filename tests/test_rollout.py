@@ -287,6 +287,14 @@ def test_scaled_logits_equal_the_plain_division_and_leave_the_input_alone(dtype,
     assert torch.equal(logits, before)
 
 
+
+def _prefill_rows(model):
+    """Record the batch size of every forward of `model`; returns (list, hook handle)."""
+    rows = []
+    return rows, model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape),
+                                                 with_kwargs=True)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "qwen2-sliding", "gemma3_text", "gpt2", "opt"])
 @pytest.mark.parametrize("skip", [(), (1,)])
 def test_a_prompt_is_prefilled_once_for_its_completions(family, skip, monkeypatch):
@@ -295,23 +303,26 @@ def test_a_prompt_is_prefilled_once_for_its_completions(family, skip, monkeypatc
     from nested_reft import rollout
 
     model = MODELS[family]()
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # left padding inside the shared prefill
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [10, 11]]  # left padding; a prompt given twice
     cfg = SamplingConfig(max_new_tokens=6, min_new_tokens=2)
-    rows = []
-    hook = model.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    rows, hook = _prefill_rows(model)
     shared = generate(model, prompts, 4, cfg, 3, 0, skip=skip, generator=torch.Generator().manual_seed(0))
     hook.remove()
-    assert rows[0] == (3, 5) and rows[1] == (12, 1)  # the prefill ran 3 prompts; the steps all 12 rows
-    monkeypatch.setattr(rollout.EagerDecoder, "shares_prefill", lambda self, ids: False)
+    assert rows[0] == (3, 5) and rows[1] == (16, 1)  # the prefill ran the 3 distinct prompts; the steps all rows
+    monkeypatch.setattr(rollout.EagerDecoder, "distinct_rows", lambda self, ids, mask: (torch.arange(16),) * 2)
     full = generate(model, prompts, 4, cfg, 3, 0, skip=skip, generator=torch.Generator().manual_seed(0))
     assert torch.equal(shared.completion_ids, full.completion_ids)
     torch.testing.assert_close(shared.behavior_logprobs, full.behavior_logprobs, rtol=0, atol=1e-6)
 
 
-def test_rows_that_are_not_runs_of_one_prompt_are_prefilled_row_by_row():
+def test_distinct_rows_are_told_apart_by_their_mask_too():
     from nested_reft.rollout import EagerDecoder
 
-    decoder = EagerDecoder(tiny_model("qwen2"), 8, group=2)
-    assert decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4]]))
-    assert not decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4], [3, 5]]))
-    assert not decoder.shares_prefill(torch.tensor([[1, 2], [1, 2], [3, 4]]))  # not a whole number of runs
+    decoder = EagerDecoder(tiny_model("qwen2"), 8)
+    ids = torch.tensor([[0, 2], [3, 4], [0, 2], [3, 4], [0, 2]])
+    mask = torch.tensor([[0, 1], [1, 1], [1, 1], [1, 1], [0, 1]])  # row 2's 0 is a real token, not padding
+    first, inverse = decoder.distinct_rows(ids, mask)
+    assert torch.equal(ids[first][inverse], ids) and torch.equal(mask[first][inverse], mask)
+    assert sorted(first.tolist()) == [0, 1, 2]
+    first, inverse = decoder.distinct_rows(ids[:2], mask[:2])
+    assert first.tolist() == inverse.tolist() == [0, 1]  # nothing repeats: every row in order
