@@ -97,6 +97,8 @@ class GraphDecoder:
     replayed from one captured graph. `capture(forward)` returns (first output, replay, static output) as
     `capture_cuda_graph` does; left None it is that function with a pool of this decoder's own."""
 
+    drops_rows = True  # the StaticCache's full-attention layers (graphs_problem refuses any other) drop rows
+
     def __init__(self, model, capacity: int, cache_kwarg: str, capture=None):
         self.model, self.kwarg = model, cache_kwarg
         self.cache = StaticCache(config=model.config, max_cache_len=capacity)

@@ -10,11 +10,13 @@ Choices:
   the filled positions: it drops finished rows (the loop's compaction) and copies a prompt's prefilled
   rows to the rows that repeat it (rollout.EagerDecoder.prefill). It copies by `index_select`: on CPU,
   advanced indexing of the whole buffer took 4 to 6 times as long (92-613 us against 16-60 us per buffer
-  at the peer job's shapes).
+  at the peer job's shapes). Only attention layers can do it (`selects_rows`): the recurrent state of
+  linear-attention and hybrid layers (Mamba, gated delta rule) has no row selection in transformers 5.25,
+  so a cache holding one keeps every row to the end and runs each prompt's prefill once per row.
 """
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, cache_utils
 from transformers.cache_utils import DynamicLayer
 
 
@@ -78,3 +80,12 @@ def decode_cache(model, capacity: int) -> DynamicCache:
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
+
+#: Cache layer classes whose batch_select_indices carries all of their state (keys and values, an indexer's keys).
+ROW_LAYERS = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer")
+                   if hasattr(cache_utils, name))
+
+
+def selects_rows(cache) -> bool:
+    """Whether every layer of `cache` can copy and drop batch rows (batch_select_indices) with all its state."""
+    return all(type(layer) in ROW_LAYERS or isinstance(layer, PreallocatedLayer) for layer in cache.layers)

@@ -54,11 +54,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from nested_reft.decode_attention import single_query_attention
 from nested_reft.decode_graphs import GraphDecoder, graphs_problem
-from nested_reft.kv_cache import decode_cache
+from nested_reft.kv_cache import decode_cache, selects_rows
 from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers, unwrap_adapters
 from nested_reft.objectives import token_logprobs
@@ -212,6 +211,7 @@ class EagerDecoder:
 
     def __init__(self, model, capacity: int):
         self.model, self.cache, self.kwarg = model, decode_cache(model, capacity), cache_kwarg(model)
+        self.drops_rows = selects_rows(self.cache)  # attention-only caches: rows can be copied and dropped
 
     def prefill(self, ids, full_mask, positions) -> torch.Tensor:
         """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]. Each distinct
@@ -231,7 +231,7 @@ class EagerDecoder:
         the position in `first` of each row's copy). All N rows, in order, when no two rows are equal or a
         cache layer cannot copy rows."""
         n, rows = ids.size(0), torch.arange(ids.size(0), device=ids.device)
-        if not all(isinstance(layer, DynamicLayer) for layer in self.cache.layers):
+        if not self.drops_rows:
             return rows, rows
         _, inverse = torch.unique(torch.cat([ids, mask.to(ids.dtype)], dim=1), dim=0, return_inverse=True)  # [N]
         distinct = int(inverse.max()) + 1
@@ -280,7 +280,8 @@ def _decode(decoder, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: 
         finished = end is not None if all_done is None else all_done(end is not None)  # collective under FSDP
         if t + 1 == length or finished:
             break
-        if COMPACT_FRACTION * rows.numel() <= finished_rows < rows.numel():  # a pad-only row costs a full one
+        # a pad-only row costs a full one: drop the finished rows (where the cache can) once they are a quarter
+        if decoder.drops_rows and COMPACT_FRACTION * rows.numel() <= finished_rows < rows.numel():
             keep = (~done).nonzero().squeeze(1)  # [m']
             rows, tok, done, next_pos, full_mask = rows[keep], tok[keep], done[keep], next_pos[keep], full_mask[keep]
             decoder.select(keep)

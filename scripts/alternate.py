@@ -1,6 +1,7 @@
 """Shared by the decode-cost scripts (decode_attention_cost, autocast_decode_cost, graphs_cost): the model of
 --model or a random-weight --preset, and variants of one rollout timed in alternating rounds."""
 
+import argparse
 import statistics
 
 
@@ -27,3 +28,42 @@ def alternated(run, variants: list, rounds: int, before=None) -> tuple[dict, dic
                 before()
             times[v].append(run(v).rollout_s)
     return first, {v: statistics.median(t) for v, t in times.items()}
+
+
+def compare_engine_paths(description: str, install) -> None:
+    """The command line of the two-path CPU scripts (decode_attention_cost, prefill_cost): one model, random
+    prompts, the engine's rollouts under each path alternated; prints whether they sample the same tokens
+    and the median rollout seconds. `install(args)` returns {path name: callable that switches to it}."""
+    import torch
+
+    from nested_reft import rollout
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("model")
+    p.add_argument("--rows", type=int, default=16, help="prompts")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--eos", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model, None)
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=g).tolist()
+    cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=0 if args.eos is not None else args.tokens)
+    paths = install(args)
+
+    def run(path):
+        paths[path]()
+        return rollout.generate(model, prompts, args.generations, cfg, args.eos, 0,
+                                generator=torch.Generator().manual_seed(1))
+
+    first, medians = alternated(run, list(paths), args.rounds)
+    a, b = first.values()
+    print({"same_tokens": torch.equal(a.completion_ids, b.completion_ids),
+           "max_logprob_difference": (a.behavior_logprobs - b.behavior_logprobs).abs().max().item(),
+           "tokens": a.num_completion_tokens, "rounds": args.rounds,
+           **{f"{path} s": round(m, 3) for path, m in medians.items()}})

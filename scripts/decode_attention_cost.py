@@ -8,46 +8,20 @@ Without --eos the rollouts have the fixed length; with it they end at EOS (rando
 model happens to draw it).
 """
 
-import argparse
 from contextlib import nullcontext
 
-import torch
-from alternate import alternated, load_model
+from alternate import compare_engine_paths
 
 from nested_reft import rollout
 from nested_reft.decode_attention import single_query_attention
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("--rows", type=int, default=16, help="prompts")
-    p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--eos", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model, None)
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=g).tolist()
-    cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=0 if args.eos is not None else args.tokens)
-    paths = {"sdpa": lambda m: nullcontext(), "two products": single_query_attention}
+def paths(args) -> dict:
+    def use(attention):
+        return lambda: setattr(rollout, "single_query_attention", attention)
 
-    def run(path):
-        rollout.single_query_attention = paths[path]
-        return rollout.generate(model, prompts, args.generations, cfg, args.eos, 0,
-                                generator=torch.Generator().manual_seed(1))
+    return {"sdpa": use(lambda m: nullcontext()), "two products": use(single_query_attention)}
 
-    first, medians = alternated(run, list(paths), args.rounds)
-    a, b = first.values()
-    print({"same_tokens": torch.equal(a.completion_ids, b.completion_ids),
-           "max_logprob_difference": (a.behavior_logprobs - b.behavior_logprobs).abs().max().item(),
-           "tokens": a.num_completion_tokens, "rounds": args.rounds,
-           **{f"{path} s": round(m, 3) for path, m in medians.items()}})
 
 if __name__ == "__main__":
-    main()
+    compare_engine_paths(__doc__.splitlines()[0], paths)
