@@ -37,7 +37,7 @@ import torch
 from nested_reft.decode_graphs import graphs_problem
 from nested_reft.floor import Floor, Machine, ModelShape, measure_machine, model_shape, rollout_floor, sync
 from nested_reft.layer_skip import check_skip_config, num_skipped, sample_skip_set
-from nested_reft.nested import num_layers
+from nested_reft.nested import nesting_problem, num_layers
 from nested_reft.rollout import SamplingConfig, generate
 
 # Random-weight presets. tiny-28 keeps Qwen2.5-1.5B's depth at a width a 2-core CPU runs in seconds.
@@ -175,6 +175,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> list[dict]:
     n = num_layers(model)
     for x in cfg.ratios:
         check_skip_config(n, x, cfg.border)
+    if problem := nesting_problem(model):
+        raise ValueError(problem)
     g = torch.Generator().manual_seed(cfg.seed)
     vocab = model.get_input_embeddings().num_embeddings
     prompts = torch.randint(1, vocab, (cfg.batch_size, cfg.prompt_len), generator=g).tolist()

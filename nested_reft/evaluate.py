@@ -188,12 +188,14 @@ def evaluate(model, tokenizer, benchmarks: dict[str, list[Example]], cfg: EvalCo
         raise ValueError(f"eval: every benchmark needs problems, got {({n: len(e) for n, e in benchmarks.items()})}")
     template = resolve_template(tokenizer, cfg.template)
     if cfg.skip_layers:
-        from nested_reft.nested import check_skip, num_layers
+        from nested_reft.nested import check_skip, nesting_problem, num_layers
 
         try:
             check_skip(cfg.skip_layers, num_layers(model), type(model).__name__)
         except (IndexError, ValueError) as exc:
             raise ValueError(f"eval: skip_layers: {exc}") from exc
+        if problem := nesting_problem(model):
+            raise ValueError(f"eval: skip_layers: {problem}")
     if cfg.cuda_graphs and (problem := graphs_problem(model, next(model.parameters()).device)):
         raise ValueError(f"eval: {problem}")
     prompts = {name: [encode_prompt(tokenizer, ex.problem, template) for ex in exs] for name, exs in benchmarks.items()}

@@ -82,8 +82,8 @@ def decode_cache(model, capacity: int) -> DynamicCache:
 
 
 #: Cache layer classes whose batch_select_indices carries all of their state (keys and values, an indexer's keys).
-ROW_LAYERS = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer")
-                   if hasattr(cache_utils, name))
+ROW_LAYERS = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "DynamicSlidingWindowLayer",
+                                                           "DynamicIndexedLayer") if hasattr(cache_utils, name))
 
 
 def selects_rows(cache) -> bool:

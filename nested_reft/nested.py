@@ -104,6 +104,23 @@ def check_skip(skip: Sequence[int], n: int, model_name: str = "model") -> tuple[
     return tuple(sorted(skip))
 
 
+#: Config fields a nested view shortens to its kept layers.
+NESTED_FIELDS = ("num_hidden_layers", "layer_types")
+
+
+def nesting_problem(model: nn.Module) -> str | None:
+    """Why `model`'s nested view cannot be built (None when it can): a config field it must shorten is a
+    read-only property computed from other fields (Jamba's and Bamba's `layer_types` in transformers 5.25)."""
+    config = text_config(model)
+    for key in NESTED_FIELDS:
+        name = getattr(type(config), "attribute_map", {}).get(key, key)
+        prop = getattr(type(config), name, None)
+        if isinstance(prop, property) and prop.fset is None:
+            return (f"{type(model).__name__} cannot be nested: its config's `{key}` is computed from other fields "
+                    f"(read-only), so a nested model's layer list cannot be set; use it with skip ratio 0")
+    return None
+
+
 def _layer_idx_holders(layer: nn.Module) -> list[nn.Module]:
     return [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
@@ -121,10 +138,12 @@ def skip_layers(model: nn.Module, skip: Sequence[int]) -> Iterator[nn.Module]:
     if not skip:
         yield model
         return
+    if problem := nesting_problem(model):
+        raise ValueError(problem)
     config = text_config(model)
     kept = [i for i in range(len(full)) if i not in set(skip)]
     saved_idx = [(m, m.layer_idx) for i in kept for m in _layer_idx_holders(full[i])]
-    saved_cfg = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
+    saved_cfg = {k: getattr(config, k) for k in NESTED_FIELDS if hasattr(config, k)}
     try:
         for new, old in enumerate(kept):
             for m in _layer_idx_holders(full[old]):
@@ -154,6 +173,8 @@ def build_truncated_model(model: nn.Module, skip: Sequence[int]) -> nn.Module:
     text = config.get_text_config(decoder=True)
     n = len(find_layers(model).layers)
     skip = check_skip(skip, n, type(model).__name__)
+    if problem := nesting_problem(model):
+        raise ValueError(problem)
     kept = [i for i in range(n) if i not in set(skip)]
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = [text.layer_types[i] for i in kept]

@@ -62,7 +62,8 @@ from nested_reft.metrics import (Means, MetricsLog, accumulate_run, clipped_comp
 from nested_reft.models import (apply_lora, context_length, disable_dropout, load_model_and_tokenizer,
                                 merged_adapters, require_peft, trainable_parameters)
 from nested_reft.models import eos_ids as model_eos_ids
-from nested_reft.nested import enable_activation_checkpointing, find_layers, num_layers, unwrap_adapters
+from nested_reft.nested import (enable_activation_checkpointing, find_layers, nesting_problem, num_layers,
+                                unwrap_adapters)
 from nested_reft.objectives import (combine_offpolicy, finish_offpolicy, group_advantages, importance_weights,
                                     offpolicy_sums, policy_loss)
 from nested_reft.rewards import math_reward
@@ -118,6 +119,8 @@ def check_model(cfg: TrainConfig, model) -> int:
         find_layers(model)
         n = num_layers(model)
         check_skip_config(n, cfg.skip_ratio, cfg.border)
+        if cfg.skip_ratio > 0 and (problem := nesting_problem(model)):
+            raise ValueError(problem)
         if cfg.skip_policy == "fixed":
             check_fixed_skip_set(n, cfg.skip_ratio, cfg.border, cfg.skip_layers)
     except (TypeError, ValueError) as exc:

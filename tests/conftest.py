@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
@@ -25,6 +26,30 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
     else:
         raise ValueError(family)
     return model.eval()
+
+
+#: Hybrid models whose cache holds recurrent (Mamba / gated delta rule) layers beside attention layers.
+HYBRIDS = {
+    "bamba": lambda kw: transformers.BambaConfig(**kw, attn_layer_indices=[1, 3], mamba_n_heads=4, mamba_d_head=16,
+                                                 mamba_d_state=8, mamba_chunk_size=8),
+    "jamba": lambda kw: transformers.JambaConfig(**kw, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
+                                                 mamba_d_state=8),
+    "granitemoehybrid": lambda kw: transformers.GraniteMoeHybridConfig(
+        **kw, layer_types=["mamba", "attention"] * (kw["num_hidden_layers"] // 2), mamba_n_heads=4, mamba_d_head=16,
+        mamba_d_state=8, num_local_experts=2, num_experts_per_tok=1),
+    "qwen3_next": lambda kw: transformers.Qwen3NextConfig(
+        **kw, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, full_attention_interval=2),
+}
+
+
+def tiny_hybrid(name: str, num_hidden_layers: int = 4, seed: int = 0, **overrides):
+    """A tiny random-weight hybrid causal LM (`HYBRIDS`), in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "num_hidden_layers": num_hidden_layers, **overrides}
+    kwargs.pop("max_position_embeddings")
+    return transformers.AutoModelForCausalLM.from_config(HYBRIDS[name](kwargs)).eval()
 
 
 @pytest.fixture

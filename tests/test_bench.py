@@ -116,3 +116,11 @@ def test_bench_with_cuda_graphs_times_the_eager_loop_beside_them(capsys, monkeyp
     out = capsys.readouterr().out
     assert "CUDA graphs vs the eager decode loop on the full model" in out and "without CUDA graphs" in out
     assert captures.captures == 2 and captures.replays == 2  # full and x = 0.15: 2 steps after the prefill each
+
+
+def test_bench_refuses_a_model_that_cannot_be_nested(tmp_path, capsys):
+    from conftest import tiny_hybrid
+
+    tiny_hybrid("jamba", num_hidden_layers=8).save_pretrained(tmp_path / "jamba")
+    assert main(["bench", "--model", str(tmp_path / "jamba"), "--skip-ratio", "0.25", "--repeats", "1"]) == 2
+    assert "JambaForCausalLM cannot be nested" in capsys.readouterr().err

@@ -32,6 +32,9 @@ def places(toy_dir, tmp_path_factory):
     """The files the table's placeholders stand for."""
     import json
 
+    from conftest import tiny_hybrid
+    from transformers import AutoTokenizer
+
     from nested_reft import trainer
     from nested_reft.config import TrainConfig
 
@@ -49,6 +52,11 @@ def places(toy_dir, tmp_path_factory):
     (root / "BAD.jsonl").write_text(good + "\n{oops\n")
     (root / "NO_ANSWER.jsonl").write_text(json.dumps({"completion": "2"}) + "\n")
     (root / "TYPO.yaml").write_text("mitigaton: base\n")
+    vocab = len(AutoTokenizer.from_pretrained(toy_dir / "model"))
+    tiny_hybrid("jamba", num_hidden_layers=8, vocab_size=vocab).save_pretrained(root / "JAMBA")
+    for f in (toy_dir / "model").iterdir():
+        if "token" in f.name or f.suffix == ".jinja":
+            shutil.copy(f, root / "JAMBA" / f.name)
     trainer.train(TrainConfig(model=str(toy_dir / "model"), dataset="toy", data_dir=str(toy_dir / "data"),
                               output_dir=str(root / "RUN_X010"), steps=1, batch_size=2, micro_batch_size=2,
                               rollout_batch_size=2, num_generations=2, max_new_tokens=4, skip_ratio=0.1,

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_hybrid, tiny_model
 from torch import nn
 
 from nested_reft import skip_layers
-from nested_reft.nested import build_truncated_model, find_layers, num_layers
+from nested_reft.nested import build_truncated_model, find_layers, nesting_problem, num_layers
 
 FAMILIES = ["qwen2", "llama", "mistral", "qwen2-sliding"]
 SKIPS = [(0,), (2, 4), (0, 5), (1, 2, 3), (5,)]
@@ -140,3 +140,34 @@ def test_the_nested_view_works_through_a_peft_wrapper():
     assert torch.equal(nested, want) and not torch.allclose(nested, full) and not torch.allclose(nested, base)
     assert len(inner.model.layers) == 6 and wrapped.config.num_hidden_layers == 6
     assert block_influence(wrapped, ids, mask, mask) == block_influence(inner, ids, mask, mask)
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "granitemoehybrid"])
+@pytest.mark.parametrize("skip", [(1,), (2,)])
+def test_hybrid_nested_rollouts_equal_the_explicit_smaller_model(name, skip):
+    from nested_reft.rollout import SamplingConfig, generate
+
+    model = tiny_hybrid(name)
+    assert nesting_problem(model) is None
+    small = build_truncated_model(model, skip).eval()
+    prompts, cfg = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], SamplingConfig(max_new_tokens=8, min_new_tokens=0)
+    nested = generate(model, prompts, 2, cfg, list(range(3, 20)), 0, skip=skip, generator=torch.Generator().manual_seed(0))
+    reference = generate(small, prompts, 2, cfg, list(range(3, 20)), 0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nested.completion_ids, reference.completion_ids)
+    torch.testing.assert_close(nested.behavior_logprobs, reference.behavior_logprobs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["jamba", "bamba"])
+def test_a_model_whose_layer_list_is_read_only_is_refused_by_name(name):
+    model = tiny_hybrid(name)
+    problem = nesting_problem(model)
+    assert "cannot be nested" in problem and "`layer_types`" in problem
+    layers, config = find_layers(model).layers, dict(model.config.to_dict())
+    with pytest.raises(ValueError, match="cannot be nested"):
+        with skip_layers(model, (1,)):
+            pass
+    assert find_layers(model).layers is layers and model.config.to_dict() == config  # untouched
+    with pytest.raises(ValueError, match="cannot be nested"):
+        build_truncated_model(model, (1,))
+    with skip_layers(model, ()):  # the full model needs no nesting
+        pass

@@ -214,6 +214,23 @@ def test_model_without_layer_list_is_rejected(tmp_path, toy_dir):
         trainer.setup(small_cfg(toy_dir, tmp_path / "r", model=str(tmp_path / "mamba"), skip_ratio=0.1))
 
 
+def test_model_that_cannot_be_nested_is_rejected_before_work_and_trains_at_x0(tmp_path, toy_dir):
+    import shutil
+
+    from conftest import tiny_hybrid
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(toy_dir / "model"))
+    tiny_hybrid("jamba", num_hidden_layers=8, vocab_size=vocab).save_pretrained(tmp_path / "jamba")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_dir / "model" / f, tmp_path / "jamba" / f)
+    with pytest.raises(ConfigError, match="JambaForCausalLM cannot be nested: its config's `layer_types`"):
+        trainer.setup(small_cfg(toy_dir, tmp_path / "r", model=str(tmp_path / "jamba"), skip_ratio=0.25))
+    assert not (tmp_path / "r").exists()  # refused before the run directory was made
+    run = trainer.setup(small_cfg(toy_dir, tmp_path / "r0", model=str(tmp_path / "jamba"), skip_ratio=0.0))
+    assert run.num_layers == 8
+
+
 def test_step_data_and_skip_sets_are_pure_functions_of_seed_and_step():
     cfg = TrainConfig(model="m", skip_ratio=0.1, seed=3)
     assert [trainer.step_skip_set(cfg, 28, s) for s in range(5)] == [trainer.step_skip_set(cfg, 28, s) for s in range(5)]
