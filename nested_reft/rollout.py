@@ -5,10 +5,14 @@ Choices:
   explicit position ids from the attention mask, a preallocated KV cache built for the model as it runs
   (kv_cache.py: a nested model gets a cache of its own K layers; nothing is re-concatenated per token),
   the LM head applied to the last position only; on CPU, one-token steps attend through two batched
-  products instead of SDPA's kernel (decode_attention.py). Rows that have emitted EOS leave the batch once they
-  are a quarter of it (their cache rows are dropped in one copy), so a finished row stops costing a
-  full row's forward; a row's tokens do not depend on which other rows are still decoding (up to the
-  float rounding of a different batch size in the matrix products: log-probs within 1e-6, docs/rollout.md).
+  products instead of SDPA's kernel (decode_attention.py). The prefill runs each distinct prompt row once
+  (a prompt's G completions are G equal rows) and copies its cache rows and logits to its repeats. Rows
+  that have emitted EOS leave the batch once they are a quarter of it (their cache rows are dropped in one
+  copy), so a finished row stops costing a full row's forward; a row's tokens do not depend on which other
+  rows are still decoding (up to the float rounding of a different batch size in the matrix products:
+  log-probs within 1e-6, docs/rollout.md). Both copies need a cache whose layers can select rows
+  (kv_cache.selects_rows); models with recurrent (Mamba-like) layers prefill every row and keep their
+  finished rows.
   The steps go through a decoder: `EagerDecoder` (the default), or with `cuda_graphs` decode_graphs.py's
   `GraphDecoder` (transformers' StaticCache, each batch composition's steps replayed from one CUDA graph).
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
