@@ -10,7 +10,8 @@ Choices:
   the filled positions: it drops finished rows (the loop's compaction) and copies a prompt's prefilled
   rows to the rows that repeat it (rollout.EagerDecoder.prefill). It copies by `index_select`: on CPU,
   advanced indexing of the whole buffer took 4 to 6 times as long (92-613 us against 16-60 us per buffer
-  at the peer job's shapes). Only attention layers can do it (`selects_rows`): the recurrent state of
+  at the peer job's shapes). Only attention layers (and the stateless placeholders of layers that read
+  another layer's KV, as in Gemma 4) can do it (`selects_rows`): the recurrent state of
   linear-attention and hybrid layers (Mamba, gated delta rule) has no row selection in transformers 5.25,
   so a cache holding one keeps every row to the end and runs each prompt's prefill once per row.
 """
@@ -81,9 +82,11 @@ def decode_cache(model, capacity: int) -> DynamicCache:
     return cache
 
 
-#: Cache layer classes whose batch_select_indices carries all of their state (keys and values, an indexer's keys).
+#: Cache layer classes whose batch_select_indices carries all of their state (keys and values, an indexer's keys;
+#: none for DummyLayer, the placeholder of a layer that reads another layer's KV or has no attention).
 ROW_LAYERS = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "DynamicSlidingWindowLayer",
-                                                           "DynamicIndexedLayer") if hasattr(cache_utils, name))
+                                                           "DynamicIndexedLayer", "DummyLayer")
+                   if hasattr(cache_utils, name))
 
 
 def selects_rows(cache) -> bool:

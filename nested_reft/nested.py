@@ -111,12 +111,16 @@ NESTED_FIELDS = ("num_hidden_layers", "layer_types")
 def nesting_problem(model: nn.Module) -> str | None:
     """Why `model`'s nested view cannot be built (None when it can): a config field it must shorten is a
     read-only property computed from other fields (Jamba's and Bamba's `layer_types` in transformers 5.25)."""
-    config = text_config(model)
+    return config_nesting_problem(text_config(model), type(model).__name__)
+
+
+def config_nesting_problem(config, model_name: str) -> str | None:
+    """nesting_problem from a (text) config alone, before any weights are loaded."""
     for key in NESTED_FIELDS:
         name = getattr(type(config), "attribute_map", {}).get(key, key)
         prop = getattr(type(config), name, None)
         if isinstance(prop, property) and prop.fset is None:
-            return (f"{type(model).__name__} cannot be nested: its config's `{key}` is computed from other fields "
+            return (f"{model_name} cannot be nested: its config's `{key}` is computed from other fields "
                     f"(read-only), so a nested model's layer list cannot be set; use it with skip ratio 0")
     return None
 

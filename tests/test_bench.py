@@ -124,3 +124,11 @@ def test_bench_refuses_a_model_that_cannot_be_nested(tmp_path, capsys):
     tiny_hybrid("jamba", num_hidden_layers=8).save_pretrained(tmp_path / "jamba")
     assert main(["bench", "--model", str(tmp_path / "jamba"), "--skip-ratio", "0.25", "--repeats", "1"]) == 2
     assert "JambaForCausalLM cannot be nested" in capsys.readouterr().err
+
+
+def test_bench_at_ratio_zero_runs_a_model_that_cannot_be_nested(tmp_path, capsys):
+    from conftest import tiny_hybrid
+
+    tiny_hybrid("jamba", num_hidden_layers=8).save_pretrained(tmp_path / "jamba")
+    assert main(["bench", "--model", str(tmp_path / "jamba"), "--skip-ratio", "0", "--repeats", "1",
+                 "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4", "--json"]) == 0

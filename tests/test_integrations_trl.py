@@ -279,3 +279,14 @@ def test_trl_missing(monkeypatch):
     monkeypatch.delitem(sys.modules, "nested_reft.integrations.trl")
     with pytest.raises(ImportError, match=r'pip install -e "\.\[trl\]"'):
         importlib.import_module("nested_reft.integrations.trl")
+
+
+def test_a_model_that_cannot_be_nested_is_refused_before_loading(tiny, tmp_path, no_work):
+    from conftest import tiny_hybrid
+
+    path, tokenizer, ds = tiny
+    tiny_hybrid("jamba", num_hidden_layers=8, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "jamba")
+    args = NestedGRPOConfig(**settings(tmp_path, skip_ratio=0.25))
+    with pytest.raises(ValueError, match="NestedGRPOTrainer: JambaForCausalLM cannot be nested"):
+        NestedGRPOTrainer(model=str(tmp_path / "jamba"), reward_funcs=reward, args=args, train_dataset=ds,
+                          processing_class=tokenizer)

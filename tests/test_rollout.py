@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers
 from conftest import tiny_hybrid, tiny_model
 
 from nested_reft import skip_layers
@@ -343,3 +344,34 @@ def test_models_with_recurrent_layers_keep_their_finished_rows(name):
                              max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(prompt):]
         for row in (2 * i, 2 * i + 1):
             assert got.completion_ids[row, : lengths[row]].tolist() == ref[: lengths[row]].tolist()
+
+
+def test_layers_that_read_another_layers_kv_still_share_the_prefill_and_drop_rows():
+    """Gemma 4's KV-sharing layers hold a stateless DummyLayer in the cache: rows can still be copied and dropped."""
+    from nested_reft import rollout
+    from nested_reft.kv_cache import decode_cache, selects_rows
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_kv_shared_layers=2, sliding_window=4, pad_token_id=0,
+        eos_token_id=3, bos_token_id=1,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])).eval()
+    assert "DummyLayer" in {type(layer).__name__ for layer in decode_cache(model, 8).layers}
+    assert selects_rows(decode_cache(model, 8))
+    prompts, cfg = [[5, 6, 7], [8, 9]], SamplingConfig(max_new_tokens=8, min_new_tokens=0)
+    rows, hook = _prefill_rows(model)
+    shared = generate(model, prompts, 4, cfg, list(range(3, 30)), 0, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert rows[0][0] == 2 and min(r[0] for r in rows) < 8  # one prefill row per prompt; finished rows dropped
+    original = rollout.EagerDecoder.__init__
+
+    def keep_every_row(self, model, capacity):
+        original(self, model, capacity)
+        self.drops_rows = False
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout.EagerDecoder, "__init__", keep_every_row)
+        full = generate(model, prompts, 4, cfg, list(range(3, 30)), 0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared.completion_ids, full.completion_ids)
+    torch.testing.assert_close(shared.behavior_logprobs, full.behavior_logprobs, rtol=0, atol=1e-5)

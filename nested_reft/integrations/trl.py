@@ -99,7 +99,7 @@ from trl.extras.profiling import profiling_context  # noqa: E402
 from trl.models import unwrap_model_for_generation  # noqa: E402
 
 from nested_reft.layer_skip import check_fixed_skip_set, check_skip_config, skip_set_at  # noqa: E402
-from nested_reft.nested import find_layers  # noqa: E402
+from nested_reft.nested import config_nesting_problem, find_layers, nesting_problem  # noqa: E402
 from nested_reft.objectives import combine_offpolicy, finish_offpolicy, importance_weights, offpolicy_sums  # noqa: E402
 from nested_reft.rollout import SamplingConfig, generate  # noqa: E402
 
@@ -214,20 +214,28 @@ def _base_model(model):
 
 
 def _num_layers_before_loading(model, args) -> int | None:
-    """N from a model object or the config of a model path/id (no weights loaded); None if it cannot be read."""
+    """N from a model object or the config of a model path/id (no weights loaded); None if it cannot be read.
+    At skip_ratio > 0, a model whose nested view cannot be built (nested.nesting_problem) is refused here."""
     if isinstance(model, str):
         try:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-            return int(text.num_hidden_layers)
         except Exception:  # let GRPOTrainer report a model that does not load
             return None
-    try:
-        return len(find_layers(_base_model(model)).layers)
-    except TypeError as exc:
-        raise ValueError(f"NestedGRPOTrainer: {exc}") from None
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        problem = config_nesting_problem(text, name)
+        n = int(text.num_hidden_layers)
+    else:
+        try:
+            n = len(find_layers(_base_model(model)).layers)
+        except TypeError as exc:
+            raise ValueError(f"NestedGRPOTrainer: {exc}") from None
+        problem = nesting_problem(_base_model(model))
+    if args.skip_ratio > 0 and problem:
+        raise ValueError(f"NestedGRPOTrainer: {problem}")
+    return n
 
 
 def _check_skip(args: NestedGRPOConfig, n: int) -> None:
