@@ -2,12 +2,12 @@
 at the rate this machine multiplies matrices of the model's shapes, against the time the phase took.
 
 For every step after the first (warm-up) of RUN_DIR/metrics.jsonl:
-- decode floor = 2 * P * generated tokens (each generated token passes every weight once; P = the model's
-  parameters, the tied embedding counted once, as the LM head), at R GFLOP/s;
+- decode floor = 2 * P_active * generated tokens (each generated token passes every weight of the step's
+  nested model once; P_active = the model's parameters, the tied embedding counted once, as the LM head,
+  less those of the step's skipped layers, from its `skip_set`), at R GFLOP/s;
 - update floor = 6 * P * processed tokens (prompt + completion: forward, and backward's two products);
 - R = the rate of the model's own products on 4096 rows with the run's thread count, in the dtype the run
   trained in (nested_reft.floor: each linear map of a layer and the head, timed, total FLOPs / total time).
-  It counts every parameter for a nested rollout too, so compare runs at x = 0.
 The efficiency of a phase is its floor time / its measured time (median over steps). Attention, norms and
 the KV cache are left out of the floor, so 1.0 is out of reach by a margin that shrinks with width.
 
@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from nested_reft.floor import measure_machine
+from nested_reft.nested import find_layers
 
 
 def main() -> None:
@@ -38,13 +39,18 @@ def main() -> None:
     bf16 = str(cfg.get("bf16", "auto")).lower() == "true" or (cfg.get("bf16") == "auto" and torch.cuda.is_available())
     model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in find_layers(model).layers]
     rate = measure_machine(model).flops_per_s / 1e9
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
-    decode = [2 * params * m["tokens_generated"] / (rate * 1e9) / m["rollout_s"] for m in steps]
+
+    def decode_gflop(m) -> float:  # the step's nested model: its skipped layers do no work
+        return 2 * (params - sum(per_layer[i] for i in m.get("skip_set", []))) * m["tokens_generated"] / 1e9
+
+    decode = [decode_gflop(m) / rate / m["rollout_s"] for m in steps]
     update = [6 * params * m["tokens_processed"] / (rate * 1e9) / m["update_s"] for m in steps]
     print(json.dumps({
         "params": params, "gflops_per_s": rate, "steps": len(steps),
-        "decode_gflop": 2 * params * statistics.median(m["tokens_generated"] for m in steps) / 1e9,
+        "decode_gflop": statistics.median(decode_gflop(m) for m in steps),
         "update_gflop": 6 * params * statistics.median(m["tokens_processed"] for m in steps) / 1e9,
         "rollout_s": statistics.median(m["rollout_s"] for m in steps),
         "update_s": statistics.median(m["update_s"] for m in steps),
