@@ -9,7 +9,7 @@ whether the two sample the same tokens.
 import argparse
 
 import torch
-from alternate import alternated, load_model
+from alternate import alternated, load_model, random_prompts, shape_arguments
 
 from nested_reft import rollout
 
@@ -18,18 +18,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model directory (default: a random-weight --preset)")
     p.add_argument("--preset", default="tiny-28")
-    p.add_argument("--rows", type=int, default=8, help="prompts")
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=4)
+    shape_arguments(p, rows=8, generations=4, prompt_len=32, tokens=64, rounds=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, args.preset).float().to(args.device)
-    vocab = model.get_input_embeddings().num_embeddings
-    prompts = torch.randint(4, vocab, (args.rows, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = random_prompts(model, args.rows, args.prompt_len)
     cfg = rollout.SamplingConfig(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
     default = rollout._decode_mode
     modes = {"inference_mode": lambda model, device: torch.inference_mode(), "no_grad (default)": default}

@@ -12,7 +12,7 @@ all count as EOS (0.01 of Qwen2.5's vocabulary: completions of about 70 tokens).
 import argparse
 
 import torch
-from alternate import alternated, load_model
+from alternate import alternated, load_model, random_prompts, shape_arguments
 
 from nested_reft import decode_graphs, rollout
 
@@ -21,19 +21,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model directory (default: a random-weight --preset)")
     p.add_argument("--preset", default="qwen2.5-1.5b")
-    p.add_argument("--rows", type=int, default=16, help="prompts")
-    p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=256)
+    shape_arguments(p, rows=16, generations=8, prompt_len=64, tokens=256, rounds=3)
     p.add_argument("--eos-fraction", type=float, default=0.01)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     model = load_model(args.model, args.preset).to("cuda", getattr(torch, args.dtype))
     vocab = model.get_input_embeddings().num_embeddings
     eos = list(range(max(1, int(vocab * args.eos_fraction))))
-    prompts = torch.randint(len(eos), vocab, (args.rows, args.prompt_len),
-                            generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = random_prompts(model, args.rows, args.prompt_len, low=len(eos))  # no EOS inside a prompt
     cfg = rollout.SamplingConfig(max_new_tokens=args.tokens)
     captures = []
     real = decode_graphs.capture_cuda_graph
