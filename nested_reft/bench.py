@@ -230,7 +230,7 @@ def add_floor(results: list[dict], times: dict, cfg: BenchConfig, shape: ModelSh
     rows = cfg.batch_size * cfg.num_generations
 
     def floor(skipped: int) -> Floor:
-        return rollout_floor(shape, machine, rows, cfg.prompt_len, cfg.max_new_tokens, skipped)
+        return rollout_floor(shape, machine, rows, cfg.prompt_len, cfg.max_new_tokens, skipped, cfg.batch_size)
 
     full = floor(0)
     for row in results:

@@ -1,7 +1,8 @@
 """The machine's floor for a rollout: the least time its arithmetic and its memory traffic allow (a roofline).
 
 Choices:
-- A rollout is its forward passes: the prefill (all rows x prompt tokens) and one decode step per new token.
+- A rollout is its forward passes: the prefill (each distinct prompt's tokens once, the LM head at its last
+  position only, as the engine runs it) and one decode step per new token.
   Each pass must do its arithmetic (2 x active parameters per token, plus attention's two products over
   the context) and read every active weight once and, in attention, the KV cache of every row up to the
   context. Its floor is max(arithmetic / R, bytes / B); a rollout's floor is the sum over its passes.
@@ -11,19 +12,28 @@ Choices:
   from copying a buffer larger than the caches (read + write). Each is the fastest of several timed runs:
   what this process can get on this device, so the floor is one a run could approach, not a data-sheet
   figure. Reads that stay in the last-level cache (a small model's weights) can beat B, so for such models
-  the memory part is an estimate rather than a strict bound; MoE experts and sliding windows are counted
-  as if every expert and position were read, which overstates their floor.
+  the memory part is an estimate rather than a strict bound.
+- Mixture-of-experts layers (a decoder layer's `experts` module, as every HF MoE family names it): a token's
+  arithmetic meets k of the E routed experts (`num_experts_per_tok`); a pass of T tokens reads the expected
+  share of experts that at least one of its tokens is routed to, 1 - (1 - k/E)^T under uniform routing
+  (all of them at a decode step of many rows, k/E at one row). Shared experts and routers are dense.
+- Attention spans come from the KV cache transformers builds for the model (what the decode loop uses): a
+  sliding-window layer attends over, and reads the KV of, at most its window; a recurrent layer (Mamba,
+  gated delta rule) has no KV cache and is counted as attending over nothing (its state is left out).
 - `weights_s` alone (weight bytes / B per pass) is the memory-bandwidth floor of plain decoding; at these
   batch sizes the KV cache (`kv_s`) is often larger, and on a small CPU model the arithmetic dominates.
 - A nested model skips U of the N layers: its active layers, KV cache and arithmetic are (N - U) / N of the
   decoder's; the embedding, final norm and LM head always run.
 """
 
+import math
 import time
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from nested_reft.nested import find_layers, text_config
 
@@ -48,6 +58,10 @@ class ModelShape(NamedTuple):
     kv_heads: int  # key/value heads
     head_dim: int  # dimension of one head
     dtype_bytes: int  # bytes per weight and cache element
+    expert_params: int = 0  # of layer_params: one layer's routed experts, all E of them (mean over layers)
+    experts: int = 0  # E routed experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0  # k: the experts each token is routed to
+    spans: tuple[float, ...] = ()  # per layer, the most positions it attends over (inf: full; () = all full)
 
 
 def model_shape(model) -> ModelShape:
@@ -58,27 +72,73 @@ def model_shape(model) -> ModelShape:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     weight = next(model.parameters())
     layer_params = sum(p.numel() for layer in layers for p in layer.parameters()) // len(layers)
+    routed = [layer.get_submodule(name) for layer in layers for name, _ in layer.named_modules()
+              if name.rsplit(".", 1)[-1] == "experts"]  # each MoE layer's routed experts
+    experts = _expert_count(routed[0]) if routed else 0
     return ModelShape(len(layers), layer_params, model.get_output_embeddings().weight.numel(), heads,
-                      getattr(c, "num_key_value_heads", None) or heads, head_dim, weight.element_size())
+                      getattr(c, "num_key_value_heads", None) or heads, head_dim, weight.element_size(),
+                      expert_params=sum(p.numel() for m in routed for p in m.parameters()) // len(layers),
+                      experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or experts,
+                      spans=attention_spans(model))
+
+
+def _expert_count(experts: nn.Module) -> int:
+    """E of an `experts` module: a list of expert MLPs, or transformers 5's fused [E, ...] weights."""
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    return next(p.shape[0] for p in experts.parameters() if p.ndim == 3)
+
+
+def attention_spans(model) -> tuple[float, ...]:
+    """Per layer of the KV cache transformers builds for `model`: its sliding window, inf for full attention
+    (and KV-sharing placeholders), 0 for a layer with no KV cache (recurrent state only)."""
+    def span(layer) -> float:
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            return float(layer.sliding_window)
+        return math.inf if isinstance(layer, (DynamicLayer, DummyLayer)) else 0.0
+
+    return tuple(span(layer) for layer in DynamicCache(config=model.config).layers)
+
+
+def attended(shape: ModelShape, context: float) -> float:
+    """Positions a query at `context` attends over (and reads the KV of), summed over the decoder's layers."""
+    if not shape.spans:
+        return shape.layers * context
+    return sum(min(context, s) for s in shape.spans)
+
+
+def layer_params_used(shape: ModelShape, tokens: float = 1.0) -> float:
+    """Parameters of one decoder layer that `tokens` tokens routed together use: every dense one, and of the
+    routed experts the expected share that at least one token meets (k/E of them for one token)."""
+    if not shape.experts:
+        return shape.layer_params
+    hit = 1.0 - (1.0 - shape.experts_per_token / shape.experts) ** tokens
+    return shape.layer_params - shape.expert_params * (1.0 - hit)
 
 
 def rollout_floor(shape: ModelShape, machine: Machine, rows: int, prompt_len: int, new_tokens: int,
-                  skipped: int = 0) -> Floor:
-    """The floor of a fixed-length rollout: `rows` rows, a `prompt_len`-token prefill, then `new_tokens`
-    decode steps (the last token is sampled without another pass), with `skipped` layers bypassed."""
-    active = shape.layers - skipped
-    weight_bytes = (active * shape.layer_params + shape.head_params) * shape.dtype_bytes
-    kv_per_position = active * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes  # K and V, per row
-    attn_flops = 4 * active * shape.heads * shape.head_dim  # QK^T and PV, per query and key position
-    matmul_flops = 2 * (active * shape.layer_params + shape.head_params)  # per token
-    # (tokens this pass, positions each attends over on average, cached positions read per row)
-    passes = [(rows * prompt_len, (prompt_len + 1) / 2, 0)]
-    passes += [(rows, prompt_len + t, prompt_len + t) for t in range(1, new_tokens)]
+                  skipped: int = 0, prompts: int | None = None) -> Floor:
+    """The floor of a fixed-length rollout: `rows` rows, a `prompt_len`-token prefill of the `prompts` distinct
+    prompts among them (default: every row; the engine prefills a prompt once for its G completions), the LM
+    head at each prompt's last position only, then `new_tokens` decode steps (the last token is sampled
+    without another pass), with `skipped` layers bypassed."""
+    active = (shape.layers - skipped) / shape.layers  # the share of layers that run (their mean span)
+    kv_per_position = 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes  # K and V, per row and layer
+    attn_flops = 4 * shape.heads * shape.head_dim  # QK^T and PV, per query, key position and layer
+    prompts = rows if prompts is None else prompts
+    # (tokens through the layers, rows through the head, positions attended per token over all layers,
+    #  positions whose KV the pass reads over all rows and layers)
+    prefill = sum(attended(shape, i) for i in range(1, prompt_len + 1)) / max(prompt_len, 1)
+    passes = [(prompts * prompt_len, prompts, prefill, 0.0)]
+    passes += [(rows, rows, attended(shape, prompt_len + t), rows * attended(shape, prompt_len + t))
+               for t in range(1, new_tokens)]
     compute = weights = kv = floor = 0.0
-    for tokens, context, cached in passes:
-        c = tokens * (matmul_flops + attn_flops * context) / machine.flops_per_s
-        w = weight_bytes / machine.bytes_per_s
-        k = rows * cached * kv_per_position / machine.bytes_per_s
+    for tokens, head_rows, context, kv_positions in passes:
+        layer_flops = 2 * active * shape.layers * layer_params_used(shape) + active * attn_flops * context
+        c = (tokens * layer_flops + head_rows * 2 * shape.head_params) / machine.flops_per_s
+        read = active * shape.layers * layer_params_used(shape, tokens) + shape.head_params
+        w = read * shape.dtype_bytes / machine.bytes_per_s
+        k = active * kv_positions * kv_per_position / machine.bytes_per_s
         compute, weights, kv, floor = compute + c, weights + w, kv + k, floor + max(c, w + k)
     return Floor(compute, weights, kv, floor)
 
@@ -105,7 +165,7 @@ def _fastest(fn, device, repeats: int, budget_s: float) -> float:
     return best
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], device, dtype, rows: int = 4096, repeats: int = 20,
+def matmul_rate(shapes: list[tuple[int, int, float]], device, dtype, rows: int = 4096, repeats: int = 20,
                 budget_s: float = 0.5) -> float:
     """FLOP/s of the products [rows, k] @ [k, n] over `shapes` (k, n, how many of it per token) taken
     together, each product at its fastest of `repeats` runs and counted as often as a token meets it."""
@@ -125,21 +185,31 @@ def copy_bandwidth(device, megabytes: int = 512, repeats: int = 10) -> float:
     return 2 * a.numel() / _fastest(lambda: b.copy_(a), device, repeats, budget_s=1.0)
 
 
-def product_shapes(model) -> list[tuple[int, int, int]]:
-    """(k, n, count) of the matrix products a token meets: every linear map of a decoder layer ([*, k] @ [k, n],
-    counted once per layer; nn.Linear and transformers' GPT-2-style Conv1D) and the LM head (once)."""
-    layers = find_layers(model).layers
-    counts = {}
-    for module in layers[0].modules():
-        if isinstance(module, nn.Linear):
-            k, n = module.in_features, module.out_features
-        elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [in, out]
-            k, n = module.weight.shape
-        else:
-            continue
-        counts[(k, n)] = counts.get((k, n), 0) + len(layers)
+def product_shapes(model) -> list[tuple[int, int, float]]:
+    """(k, n, how many per token) of the matrix products a token meets: every linear map of every decoder
+    layer ([*, k] @ [k, n]; nn.Linear and transformers' GPT-2-style Conv1D), the LM head once, and of a MoE
+    layer's routed experts the k a token is routed to (an expert list's maps, or fused [E, n, k] weights
+    applied as F.linear applies them)."""
+    counts: dict[tuple[int, int], float] = {}
+
+    def add(k: int, n: int, count: float) -> None:
+        counts[(k, n)] = counts.get((k, n), 0) + count
+
+    shape = model_shape(model)
+    routed = shape.experts_per_token / shape.experts if shape.experts else 1.0  # a token meets k of E experts
+    for layer in find_layers(model).layers:
+        for name, module in layer.named_modules():
+            share = routed if "experts" in name.split(".") else 1.0
+            if isinstance(module, nn.Linear):
+                add(module.in_features, module.out_features, share)
+            elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [in, out]
+                add(*module.weight.shape, share)
+            elif name.rsplit(".", 1)[-1] == "experts":
+                for p in module.parameters(recurse=False):
+                    if p.ndim == 3:  # [E, n, k]
+                        add(p.shape[2], p.shape[1], shape.experts_per_token)
     head = model.get_output_embeddings().weight  # [V, H]
-    counts[(head.shape[1], head.shape[0])] = counts.get((head.shape[1], head.shape[0]), 0) + 1
+    add(head.shape[1], head.shape[0], 1)
     return [(k, n, count) for (k, n), count in counts.items()]
 
 

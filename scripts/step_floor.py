@@ -3,9 +3,10 @@ at the rate this machine multiplies matrices of the model's shapes, against the 
 
 For every step after the first (warm-up) of RUN_DIR/metrics.jsonl:
 - decode floor = 2 * P_active * generated tokens (each generated token passes every weight of the step's
-  nested model once; P_active = the model's parameters, the tied embedding counted once, as the LM head,
-  less those of the step's skipped layers, from its `skip_set`), at R GFLOP/s;
-- update floor = 6 * P * processed tokens (prompt + completion: forward, and backward's two products);
+  nested model once; P_active = the LM head and the decoder layers the step ran, less those of its skipped
+  layers, from its `skip_set`; of a MoE layer's routed experts the k a token is routed to), at R GFLOP/s;
+- update floor = 6 * P * processed tokens (prompt + completion: forward, and backward's two products;
+  P counted as P_active with no layer skipped);
 - R = the rate of the model's own products on 4096 rows with the run's thread count, in the dtype the run
   trained in (nested_reft.floor: each linear map of a layer and the head, timed, total FLOPs / total time).
 The efficiency of a phase is its floor time / its measured time (median over steps). Attention, norms and
@@ -22,8 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from nested_reft.floor import measure_machine
-from nested_reft.nested import find_layers
+from nested_reft.floor import layer_params_used, measure_machine, model_shape
 
 
 def main() -> None:
@@ -37,14 +37,17 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     bf16 = str(cfg.get("bf16", "auto")).lower() == "true" or (cfg.get("bf16") == "auto" and torch.cuda.is_available())
-    model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
-    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in find_layers(model).layers]
+    model_path = cfg["model"]  # relative to where the run was started, which is often the run's parent
+    if not Path(model_path).exists() and (run.parent / model_path).exists():
+        model_path = str(run.parent / model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    shape = model_shape(model)
+    params = shape.layers * layer_params_used(shape) + shape.head_params  # what one token passes through
     rate = measure_machine(model).flops_per_s / 1e9
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
 
     def decode_gflop(m) -> float:  # the step's nested model: its skipped layers do no work
-        return 2 * (params - sum(per_layer[i] for i in m.get("skip_set", []))) * m["tokens_generated"] / 1e9
+        return 2 * (params - len(m.get("skip_set", [])) * layer_params_used(shape)) * m["tokens_generated"] / 1e9
 
     decode = [decode_gflop(m) / rate / m["rollout_s"] for m in steps]
     update = [6 * params * m["tokens_processed"] / (rate * 1e9) / m["update_s"] for m in steps]

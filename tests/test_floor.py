@@ -1,13 +1,15 @@
 import json
+import math
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from nested_reft.cli import main
-from nested_reft.floor import (Machine, ModelShape, copy_bandwidth, measure_machine, model_shape, product_shapes,
-                               rollout_floor)
+from nested_reft.floor import (Machine, ModelShape, copy_bandwidth, layer_params_used, measure_machine, model_shape,
+                               product_shapes, rollout_floor)
 from nested_reft.kv_cache import decode_cache
 
 
@@ -24,7 +26,7 @@ def test_model_shape_counts_one_layer_and_the_head():
     h, kv, i = 32, 2 * 8, 64
     one_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, 2 norms
     assert shape == ModelShape(layers=4, layer_params=one_layer, head_params=100 * h, heads=4, kv_heads=2,
-                               head_dim=8, dtype_bytes=4)
+                               head_dim=8, dtype_bytes=4, spans=(math.inf,) * 4)  # dense, full attention
 
 
 def test_untied_heads_and_bf16_weights():
@@ -53,7 +55,8 @@ def test_floor_sums_a_roofline_over_the_prefill_and_decode_steps():
     f = rollout_floor(shape, machine, rows=3, prompt_len=5, new_tokens=4)
     per_token = 2 * (10 * 1000 + 500)  # matrix FLOPs
     attn = 4 * 10 * 2 * 4  # per token and attended position
-    prefill = 15 * (per_token + attn * 3)  # 15 tokens attending over (5 + 1) / 2 positions on average
+    prefill = 15 * (per_token - 2 * 500 + attn * 3) + 3 * 2 * 500  # 15 tokens attending over (5 + 1) / 2
+    # positions on average; the head at each row's last position only
     decode = sum(3 * (per_token + attn * c) for c in (6, 7, 8))
     assert f.compute_s == pytest.approx((prefill + decode) / 1e6)
     weights = (10 * 1000 + 500) * 2
@@ -133,3 +136,92 @@ def test_bench_floor_prints_its_line(capsys):
 def test_floor_is_refused_in_step_mode(capsys):
     assert main(["bench", "--mode", "step", "--floor"]) == 2
     assert "--floor are rollout-mode measurements" in capsys.readouterr().err
+
+
+def test_the_prefill_runs_each_distinct_prompt_once_and_the_head_at_its_last_position():
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=2)
+    machine = Machine(flops_per_s=1.0, bytes_per_s=float("inf"))  # seconds == FLOPs
+    prefill = rollout_floor(shape, machine, rows=8, prompt_len=5, new_tokens=1, prompts=2).compute_s
+    attn = 4 * 10 * 2 * 4 * 3  # per token: every layer attends over (5 + 1) / 2 positions on average
+    assert prefill == pytest.approx(2 * 5 * (2 * 10 * 1000 + attn) + 2 * 2 * 500)
+    assert prefill < rollout_floor(shape, machine, rows=8, prompt_len=5, new_tokens=1).compute_s  # every row
+
+
+def tiny_moe(attn="eager"):
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8)
+    config._attn_implementation = attn
+    model = Qwen3MoeForCausalLM(config).eval()
+    model.set_experts_implementation("eager")  # torch's FLOP counter has no formula for the default grouped_mm
+    return model
+
+
+def test_moe_shape_counts_the_routed_experts_apart():
+    shape = model_shape(tiny_moe())
+    experts = 8 * (2 * 16 * 32 + 32 * 16)  # E x (fused gate/up [2I, H] + down [H, I])
+    assert (shape.experts, shape.experts_per_token, shape.expert_params) == (8, 2, experts)
+    assert layer_params_used(shape) == shape.layer_params - experts + experts * 2 / 8  # one token: k of E
+    assert layer_params_used(shape, tokens=1000) == pytest.approx(shape.layer_params)  # many tokens: all of them
+    assert layer_params_used(shape, tokens=2) == pytest.approx(shape.layer_params - experts * (1 - 2 / 8) ** 2)
+    assert (16, 32, 2 * 2) in product_shapes(tiny_moe())  # down: k experts per token in each of 2 layers
+
+
+def test_moe_decode_step_arithmetic_matches_torch_flop_counter():
+    """A routed token runs k of the E experts: the decode step's counted FLOPs are those of the k, not all E."""
+    model = tiny_moe()
+    shape = model_shape(model)
+    rows, prompt_len = 4, 6
+    ids = torch.randint(1, 50, (rows, prompt_len))
+    cache = decode_cache(model, prompt_len + 2)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids[:, :1], use_cache=True, cache=cache)
+    machine = Machine(1.0, float("inf"))
+    one_step = (rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
+                - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s)
+    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)  # norm weights
+    assert one_step == pytest.approx(counter.get_total_flops() + 2 * rows * vectors)
+
+
+def tiny_sliding(attn="eager"):
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1)  # layer 0 full, layers 1-2 a 4-position window
+    config._attn_implementation = attn
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_sliding_window_layers_attend_and_read_at_most_their_window():
+    model = tiny_sliding()
+    shape = model_shape(model)
+    assert shape.spans == (math.inf, 4, 4)
+    rows, prompt_len = 2, 7
+    ids = torch.randint(1, 50, (rows, prompt_len))
+    cache = decode_cache(model, prompt_len + 2)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, cache=cache)
+        cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # what the next step reads
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=ids[:, :1], use_cache=True, cache=cache)
+    kv_s = rollout_floor(shape, Machine(1.0, 1.0), rows, prompt_len, 2).kv_s
+    per_position = 2 * 2 * 8 * 4  # K and V x kv heads x head dim x 4 bytes, per row and layer
+    assert kv_s == pytest.approx(cached + rows * 3 * per_position)  # each layer also reads the step's own token
+    assert kv_s == pytest.approx(rows * per_position * (8 + 4 + 4))  # context 8; the windows keep 4
+    machine = Machine(1.0, float("inf"))
+    one_step = (rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
+                - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s)
+    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)
+    assert one_step == pytest.approx(counter.get_total_flops() + 2 * rows * vectors)
+
+
+def test_bench_floor_of_a_moe_model_directory(tmp_path, capsys):
+    tiny_moe(attn="sdpa").save_pretrained(tmp_path / "moe")
+    assert main(["bench", "--model", str(tmp_path / "moe"), "--skip-ratio", "0.5", "--border", "0",
+                 "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "3", "--repeats", "1",
+                 "--warmup", "0", "--floor", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert 0 < row["full_floor_share"] < 1 and row["nested_floor_s"] < row["full_floor"]["floor_s"]
