@@ -77,24 +77,27 @@ def test_a_nested_floor_drops_the_skipped_layers_but_not_the_head():
     assert nested.floor_s < full.floor_s
 
 
-def test_decode_step_arithmetic_matches_torch_flop_counter():
-    """Independent reference: torch's FLOP counter over one real KV-cached decode step of the model (eager
-    attention, so attention's two products are counted too)."""
-    model = tiny(layers=3, hidden=64, inter=128, vocab=50, attn="eager")
-    shape = model_shape(model)
-    rows, prompt_len = 4, 6
-    ids = torch.randint(1, 50, (rows, prompt_len))
+def decode_step_flops(model, rows: int, prompt_len: int) -> tuple[float, float]:
+    """(the floor's arithmetic for one KV-cached decode step at context prompt_len + 1; torch's FLOP counter over
+    that step of the real model, plus 2 per row for each bias and norm weight, which the floor counts as
+    parameters). Eager attention, so attention's two products are counted too."""
+    ids = torch.randint(1, model.config.vocab_size, (rows, prompt_len))
     cache = decode_cache(model, prompt_len + 2)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, cache=cache)
         with FlopCounterMode(display=False) as counter:
             model(input_ids=ids[:, :1], use_cache=True, cache=cache)
-    counted = counter.get_total_flops()
-    machine = Machine(1.0, float("inf"))  # seconds == FLOPs
-    two_steps = rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
-    one_step = two_steps - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s  # the decode at context 7
-    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)  # biases and norm weights
-    assert one_step == pytest.approx(counted + 2 * rows * vectors)  # which ours counts as 2 FLOPs per token each
+    machine, shape = Machine(1.0, float("inf")), model_shape(model)  # seconds == FLOPs
+    one_step = (rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
+                - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s)
+    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)
+    return one_step, counter.get_total_flops() + 2 * rows * vectors
+
+
+def test_decode_step_arithmetic_matches_torch_flop_counter():
+    """Independent reference: torch's FLOP counter over one real KV-cached decode step of the model."""
+    floor, counted = decode_step_flops(tiny(layers=3, hidden=64, inter=128, vocab=50, attn="eager"), 4, 6)
+    assert floor == pytest.approx(counted)
 
 
 def test_kv_bytes_match_the_engine_cache():
@@ -170,20 +173,8 @@ def test_moe_shape_counts_the_routed_experts_apart():
 
 def test_moe_decode_step_arithmetic_matches_torch_flop_counter():
     """A routed token runs k of the E experts: the decode step's counted FLOPs are those of the k, not all E."""
-    model = tiny_moe()
-    shape = model_shape(model)
-    rows, prompt_len = 4, 6
-    ids = torch.randint(1, 50, (rows, prompt_len))
-    cache = decode_cache(model, prompt_len + 2)
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=True, cache=cache)
-        with FlopCounterMode(display=False) as counter:
-            model(input_ids=ids[:, :1], use_cache=True, cache=cache)
-    machine = Machine(1.0, float("inf"))
-    one_step = (rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
-                - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s)
-    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)  # norm weights
-    assert one_step == pytest.approx(counter.get_total_flops() + 2 * rows * vectors)
+    floor, counted = decode_step_flops(tiny_moe(), 4, 6)
+    assert floor == pytest.approx(counted)
 
 
 def tiny_sliding(attn="eager"):
@@ -200,22 +191,16 @@ def test_sliding_window_layers_attend_and_read_at_most_their_window():
     shape = model_shape(model)
     assert shape.spans == (math.inf, 4, 4)
     rows, prompt_len = 2, 7
-    ids = torch.randint(1, 50, (rows, prompt_len))
     cache = decode_cache(model, prompt_len + 2)
     with torch.no_grad():
-        model(input_ids=ids, use_cache=True, cache=cache)
-        cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # what the next step reads
-        with FlopCounterMode(display=False) as counter:
-            model(input_ids=ids[:, :1], use_cache=True, cache=cache)
+        model(input_ids=torch.randint(1, 50, (rows, prompt_len)), use_cache=True, cache=cache)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)  # what the next step reads
     kv_s = rollout_floor(shape, Machine(1.0, 1.0), rows, prompt_len, 2).kv_s
     per_position = 2 * 2 * 8 * 4  # K and V x kv heads x head dim x 4 bytes, per row and layer
     assert kv_s == pytest.approx(cached + rows * 3 * per_position)  # each layer also reads the step's own token
     assert kv_s == pytest.approx(rows * per_position * (8 + 4 + 4))  # context 8; the windows keep 4
-    machine = Machine(1.0, float("inf"))
-    one_step = (rollout_floor(shape, machine, rows, prompt_len, 2).compute_s
-                - rollout_floor(shape, machine, rows, prompt_len, 1).compute_s)
-    vectors = sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 1)
-    assert one_step == pytest.approx(counter.get_total_flops() + 2 * rows * vectors)
+    floor, counted = decode_step_flops(model, rows, prompt_len)  # attention over at most the window
+    assert floor == pytest.approx(counted)
 
 
 def test_bench_floor_of_a_moe_model_directory(tmp_path, capsys):
