@@ -2,7 +2,8 @@
 
 Choices:
 - A rollout is its forward passes: the prefill (each distinct prompt's tokens once, the LM head at its last
-  position only, as the engine runs it) and one decode step per new token.
+  position only: what an engine must do, and what the eager engine does; the CUDA-graph decoder and models
+  with recurrent layers prefill every row, which shows as a lower share) and one decode step per new token.
   Each pass must do its arithmetic (2 x active parameters per token, plus attention's two products over
   the context) and read every active weight once and, in attention, the KV cache of every row up to the
   context. Its floor is max(arithmetic / R, bytes / B); a rollout's floor is the sum over its passes.
@@ -17,9 +18,13 @@ Choices:
   arithmetic meets k of the E routed experts (`num_experts_per_tok`); a pass of T tokens reads the expected
   share of experts that at least one of its tokens is routed to, 1 - (1 - k/E)^T under uniform routing
   (all of them at a decode step of many rows, k/E at one row). Shared experts and routers are dense.
-- Attention spans come from the KV cache transformers builds for the model (what the decode loop uses): a
-  sliding-window layer attends over, and reads the KV of, at most its window; a recurrent layer (Mamba,
-  gated delta rule) has no KV cache and is counted as attending over nothing (its state is left out).
+- Attention is read per layer from the KV cache transformers builds for the model (what the decode loop
+  uses), after one token's forward: a sliding-window layer attends over, and reads the KV of, at most its
+  window; a recurrent layer (Mamba, gated delta rule) has no KV cache and attends over nothing (its state
+  is left out); a layer's K and V widths are its cache's, so layers of different head sizes (Gemma 4) and
+  multi-head latent attention (which caches a compressed latent; its products' widths come from
+  `qk_head_dim`/`v_head_dim`) are counted as they run; a KV-sharing placeholder reads the KV of the last
+  earlier layer of its kind (`layer_types`).
 - `weights_s` alone (weight bytes / B per pass) is the memory-bandwidth floor of plain decoding; at these
   batch sizes the KV cache (`kv_s`) is often larger, and on a small CPU model the arithmetic dominates.
 - A nested model skips U of the N layers: its active layers, KV cache and arithmetic are (N - U) / N of the
@@ -36,6 +41,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from nested_reft.nested import find_layers, text_config
+from nested_reft.rollout import cache_kwarg
 
 
 class Machine(NamedTuple):
@@ -50,36 +56,36 @@ class Floor(NamedTuple):
     floor_s: float  # sum over passes of max(arithmetic / R, (weights + KV) / B)
 
 
+class LayerAttention(NamedTuple):
+    span: float  # the most positions the layer attends over: inf (full), its window, 0 (no attention)
+    flops: int  # QK^T and PV FLOPs per query and key position: 2 x heads x (d_qk + d_v)
+    kv_elements: int  # K and V elements it reads per row and key position (its cache's, or the one it shares)
+
+
 class ModelShape(NamedTuple):
     layers: int  # N decoder layers
     layer_params: int  # parameters of one decoder layer (the mean over layers)
     head_params: int  # LM head parameters (vocab x hidden), read at every pass
-    heads: int  # attention heads
-    kv_heads: int  # key/value heads
-    head_dim: int  # dimension of one head
+    attention: tuple[LayerAttention, ...]  # per decoder layer
     dtype_bytes: int  # bytes per weight and cache element
     expert_params: int = 0  # of layer_params: one layer's routed experts, all E of them (mean over layers)
     experts: int = 0  # E routed experts per MoE layer (0: a dense model)
     experts_per_token: int = 0  # k: the experts each token is routed to
-    spans: tuple[float, ...] = ()  # per layer, the most positions it attends over (inf: full; () = all full)
 
 
 def model_shape(model) -> ModelShape:
-    """The counts the floor needs, read from a Hugging Face causal LM."""
+    """The counts the floor needs, read from a Hugging Face causal LM (and its KV cache after one token)."""
     layers = list(find_layers(model).layers)
     c = text_config(model)
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     weight = next(model.parameters())
     layer_params = sum(p.numel() for layer in layers for p in layer.parameters()) // len(layers)
     routed = [layer.get_submodule(name) for layer in layers for name, _ in layer.named_modules()
               if name.rsplit(".", 1)[-1] == "experts"]  # each MoE layer's routed experts
     experts = _expert_count(routed[0]) if routed else 0
-    return ModelShape(len(layers), layer_params, model.get_output_embeddings().weight.numel(), heads,
-                      getattr(c, "num_key_value_heads", None) or heads, head_dim, weight.element_size(),
+    return ModelShape(len(layers), layer_params, model.get_output_embeddings().weight.numel(),
+                      layer_attention(model), weight.element_size(),
                       expert_params=sum(p.numel() for m in routed for p in m.parameters()) // len(layers),
-                      experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or experts,
-                      spans=attention_spans(model))
+                      experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or experts)
 
 
 def _expert_count(experts: nn.Module) -> int:
@@ -89,22 +95,41 @@ def _expert_count(experts: nn.Module) -> int:
     return next(p.shape[0] for p in experts.parameters() if p.ndim == 3)
 
 
-def attention_spans(model) -> tuple[float, ...]:
-    """Per layer of the KV cache transformers builds for `model`: its sliding window, inf for full attention
-    (and KV-sharing placeholders), 0 for a layer with no KV cache (recurrent state only)."""
-    def span(layer) -> float:
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            return float(layer.sliding_window)
-        return math.inf if isinstance(layer, (DynamicLayer, DummyLayer)) else 0.0
+def layer_attention(model) -> tuple[LayerAttention, ...]:
+    """Each layer's attention, from the KV cache transformers builds for `model` after one token's forward:
+    a sliding-window layer spans its window, a full-attention layer everything, a layer with no KV cache
+    (recurrent state only) nothing. The K and V widths are its cache's ([1, H_kv, 1, D]; multi-head latent
+    attention caches a compressed latent and takes its products' widths from `qk_head_dim`/`v_head_dim`). A
+    placeholder layer (`DummyLayer`) reads the KV of the last earlier layer of its config `layer_types` kind,
+    and has no attention if there is none (a MoE or MLP-only layer)."""
+    c = text_config(model)
+    cache = DynamicCache(config=model.config)
+    ids = torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+    types = getattr(c, "layer_types", None) or [None] * len(cache.layers)
+    out, last = [], {}  # last: the attention of the latest caching layer of each kind
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, DummyLayer):
+            out.append(last.get(types[i], LayerAttention(0.0, 0, 0)))
+            continue
+        keys = getattr(layer, "keys", None)
+        if not isinstance(layer, DynamicLayer) or keys is None or not keys.numel():
+            out.append(LayerAttention(0.0, 0, 0))
+            continue
+        lc = c.per_layer_config[i] if hasattr(type(c), "per_layer_config") else c
+        qk = getattr(lc, "qk_head_dim", None) or keys.shape[-1]  # MLA: wider than its cached latent
+        v = getattr(lc, "v_head_dim", None) or layer.values.shape[-1]
+        span = float(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else math.inf
+        out.append(LayerAttention(span, 2 * lc.num_attention_heads * (qk + v), keys.numel() + layer.values.numel()))
+        last[types[i]] = out[-1]
+    return tuple(out)
 
-    return tuple(span(layer) for layer in DynamicCache(config=model.config).layers)
 
-
-def attended(shape: ModelShape, context: float) -> float:
-    """Positions a query at `context` attends over (and reads the KV of), summed over the decoder's layers."""
-    if not shape.spans:
-        return shape.layers * context
-    return sum(min(context, s) for s in shape.spans)
+def attended(shape: ModelShape, context: float) -> tuple[float, float]:
+    """(attention FLOPs, K and V elements read) of one query at `context`, summed over the decoder's layers."""
+    spans = [(min(context, a.span), a) for a in shape.attention]
+    return sum(n * a.flops for n, a in spans), sum(n * a.kv_elements for n, a in spans)
 
 
 def layer_params_used(shape: ModelShape, tokens: float = 1.0) -> float:
@@ -119,26 +144,24 @@ def layer_params_used(shape: ModelShape, tokens: float = 1.0) -> float:
 def rollout_floor(shape: ModelShape, machine: Machine, rows: int, prompt_len: int, new_tokens: int,
                   skipped: int = 0, prompts: int | None = None) -> Floor:
     """The floor of a fixed-length rollout: `rows` rows, a `prompt_len`-token prefill of the `prompts` distinct
-    prompts among them (default: every row; the engine prefills a prompt once for its G completions), the LM
+    prompts among them (default: every row; an engine need prefill a prompt once for its G completions), the LM
     head at each prompt's last position only, then `new_tokens` decode steps (the last token is sampled
     without another pass), with `skipped` layers bypassed."""
     active = (shape.layers - skipped) / shape.layers  # the share of layers that run (their mean span)
-    kv_per_position = 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes  # K and V, per row and layer
-    attn_flops = 4 * shape.heads * shape.head_dim  # QK^T and PV, per query, key position and layer
     prompts = rows if prompts is None else prompts
-    # (tokens through the layers, rows through the head, positions attended per token over all layers,
-    #  positions whose KV the pass reads over all rows and layers)
-    prefill = sum(attended(shape, i) for i in range(1, prompt_len + 1)) / max(prompt_len, 1)
-    passes = [(prompts * prompt_len, prompts, prefill, 0.0)]
-    passes += [(rows, rows, attended(shape, prompt_len + t), rows * attended(shape, prompt_len + t))
-               for t in range(1, new_tokens)]
+    # (tokens through the layers, rows through the head, attention FLOPs per token, KV elements the pass reads)
+    prefill = [attended(shape, i)[0] for i in range(1, prompt_len + 1)]
+    passes = [(prompts * prompt_len, prompts, sum(prefill) / max(prompt_len, 1), 0.0)]
+    for t in range(1, new_tokens):
+        flops, elements = attended(shape, prompt_len + t)
+        passes.append((rows, rows, flops, rows * elements))
     compute = weights = kv = floor = 0.0
-    for tokens, head_rows, context, kv_positions in passes:
-        layer_flops = 2 * active * shape.layers * layer_params_used(shape) + active * attn_flops * context
+    for tokens, head_rows, attn, kv_elements in passes:
+        layer_flops = 2 * active * shape.layers * layer_params_used(shape) + active * attn
         c = (tokens * layer_flops + head_rows * 2 * shape.head_params) / machine.flops_per_s
         read = active * shape.layers * layer_params_used(shape, tokens) + shape.head_params
         w = read * shape.dtype_bytes / machine.bytes_per_s
-        k = active * kv_positions * kv_per_position / machine.bytes_per_s
+        k = active * kv_elements * shape.dtype_bytes / machine.bytes_per_s
         compute, weights, kv, floor = compute + c, weights + w, kv + k, floor + max(c, w + k)
     return Floor(compute, weights, kv, floor)
 
@@ -189,7 +212,7 @@ def product_shapes(model) -> list[tuple[int, int, float]]:
     """(k, n, how many per token) of the matrix products a token meets: every linear map of every decoder
     layer ([*, k] @ [k, n]; nn.Linear and transformers' GPT-2-style Conv1D), the LM head once, and of a MoE
     layer's routed experts the k a token is routed to (an expert list's maps, or fused [E, n, k] weights
-    applied as F.linear applies them)."""
+    applied as F.linear applies them, [E, k, n] where the experts module says `is_transposed`)."""
     counts: dict[tuple[int, int], float] = {}
 
     def add(k: int, n: int, count: float) -> None:
@@ -205,9 +228,10 @@ def product_shapes(model) -> list[tuple[int, int, float]]:
             elif type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: weight [in, out]
                 add(*module.weight.shape, share)
             elif name.rsplit(".", 1)[-1] == "experts":
+                transposed = getattr(module, "is_transposed", False)  # [E, k, n] (x @ W), else [E, n, k] (F.linear)
                 for p in module.parameters(recurse=False):
-                    if p.ndim == 3:  # [E, n, k]
-                        add(p.shape[2], p.shape[1], shape.experts_per_token)
+                    if p.ndim == 3:
+                        add(*(p.shape[1:] if transposed else p.shape[:0:-1]), shape.experts_per_token)
     head = model.get_output_embeddings().weight  # [V, H]
     add(head.shape[1], head.shape[0], 1)
     return [(k, n, count) for (k, n), count in counts.items()]

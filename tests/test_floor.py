@@ -3,13 +3,14 @@ import math
 
 import pytest
 import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from nested_reft.cli import main
-from nested_reft.floor import (Machine, ModelShape, copy_bandwidth, layer_params_used, measure_machine, model_shape,
-                               product_shapes, rollout_floor)
+from nested_reft.floor import (LayerAttention, Machine, ModelShape, copy_bandwidth, layer_params_used,
+                               measure_machine, model_shape, product_shapes, rollout_floor)
 from nested_reft.kv_cache import decode_cache
 
 
@@ -25,8 +26,9 @@ def test_model_shape_counts_one_layer_and_the_head():
     shape = model_shape(tiny())
     h, kv, i = 32, 2 * 8, 64
     one_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h  # q, k, v (biased), o, MLP, 2 norms
-    assert shape == ModelShape(layers=4, layer_params=one_layer, head_params=100 * h, heads=4, kv_heads=2,
-                               head_dim=8, dtype_bytes=4, spans=(math.inf,) * 4)  # dense, full attention
+    full = LayerAttention(span=math.inf, flops=2 * 4 * (8 + 8), kv_elements=2 * 2 * 8)  # 4 heads, 2 KV heads of 8
+    assert shape == ModelShape(layers=4, layer_params=one_layer, head_params=100 * h, attention=(full,) * 4,
+                               dtype_bytes=4)
 
 
 def test_untied_heads_and_bf16_weights():
@@ -46,11 +48,15 @@ def test_product_shapes_are_a_layers_linear_maps_and_the_head():
     opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                    num_attention_heads=4, word_embed_proj_dim=32))
     assert (32, 64, 2) in product_shapes(opt) and (64, 32, 2) in product_shapes(opt)
-    assert measure_machine(gpt2).flops_per_s > 0 and model_shape(gpt2).kv_heads == 4
+    assert measure_machine(gpt2).flops_per_s > 0 and model_shape(gpt2).attention[0].kv_elements == 2 * 4 * 8
+
+
+#: 10 full-attention layers of 2 heads of 4 (QK^T and PV: 2 x 2 x (4 + 4) FLOPs per position) and 1 KV head.
+ATTENTION = (LayerAttention(span=math.inf, flops=4 * 2 * 4, kv_elements=2 * 4),) * 10
 
 
 def test_floor_sums_a_roofline_over_the_prefill_and_decode_steps():
-    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=2)
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, attention=ATTENTION, dtype_bytes=2)
     machine = Machine(flops_per_s=1e6, bytes_per_s=1e5)
     f = rollout_floor(shape, machine, rows=3, prompt_len=5, new_tokens=4)
     per_token = 2 * (10 * 1000 + 500)  # matrix FLOPs
@@ -69,7 +75,7 @@ def test_floor_sums_a_roofline_over_the_prefill_and_decode_steps():
 
 
 def test_a_nested_floor_drops_the_skipped_layers_but_not_the_head():
-    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=4)
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, attention=ATTENTION, dtype_bytes=4)
     machine = Machine(1e9, 1e9)
     full, nested = (rollout_floor(shape, machine, 2, 3, 5, skipped=u) for u in (0, 4))
     assert nested.weights_s == pytest.approx(full.weights_s * (6 * 1000 + 500) / (10 * 1000 + 500))
@@ -142,7 +148,7 @@ def test_floor_is_refused_in_step_mode(capsys):
 
 
 def test_the_prefill_runs_each_distinct_prompt_once_and_the_head_at_its_last_position():
-    shape = ModelShape(layers=10, layer_params=1000, head_params=500, heads=2, kv_heads=1, head_dim=4, dtype_bytes=2)
+    shape = ModelShape(layers=10, layer_params=1000, head_params=500, attention=ATTENTION, dtype_bytes=2)
     machine = Machine(flops_per_s=1.0, bytes_per_s=float("inf"))  # seconds == FLOPs
     prefill = rollout_floor(shape, machine, rows=8, prompt_len=5, new_tokens=1, prompts=2).compute_s
     attn = 4 * 10 * 2 * 4 * 3  # per token: every layer attends over (5 + 1) / 2 positions on average
@@ -189,7 +195,7 @@ def tiny_sliding(attn="eager"):
 def test_sliding_window_layers_attend_and_read_at_most_their_window():
     model = tiny_sliding()
     shape = model_shape(model)
-    assert shape.spans == (math.inf, 4, 4)
+    assert [a.span for a in shape.attention] == [math.inf, 4, 4]
     rows, prompt_len = 2, 7
     cache = decode_cache(model, prompt_len + 2)
     with torch.no_grad():
@@ -210,3 +216,57 @@ def test_bench_floor_of_a_moe_model_directory(tmp_path, capsys):
                  "--warmup", "0", "--floor", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert 0 < row["full_floor_share"] < 1 and row["nested_floor_s"] < row["full_floor"]["floor_s"]
+
+
+def test_a_prefill_longer_than_a_window_attends_over_the_window_on_average():
+    shape = ModelShape(layers=2, layer_params=0, head_params=0, dtype_bytes=1,
+                       attention=(LayerAttention(math.inf, 1, 1), LayerAttention(4, 1, 1)))
+    machine = Machine(flops_per_s=1.0, bytes_per_s=float("inf"))
+    prefill = rollout_floor(shape, machine, rows=1, prompt_len=6, new_tokens=1).compute_s
+    assert prefill == pytest.approx(sum(range(1, 7)) + sum(min(i, 4) for i in range(1, 7)))  # 21 + 16 positions
+
+
+def test_recurrent_and_kv_sharing_layers_take_their_spans_from_the_cache_and_the_config():
+    from conftest import tiny_hybrid
+
+    bamba = model_shape(tiny_hybrid("bamba")).attention
+    assert [a.span for a in bamba] == [0, math.inf, 0, math.inf] and bamba[0].kv_elements == 0  # Mamba: no KV
+    gemma4 = transformers.AutoModelForCausalLM.from_config(transformers.Gemma4TextConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_kv_shared_layers=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]))
+    attention = model_shape(gemma4).attention
+    assert attention[2:] == attention[:2]  # layers 2-3 read layers 0-1's KV
+    assert [a.span for a in attention[:2]] == [4, math.inf]
+    assert attention[1].kv_elements == 2 * 2 * 512 and attention[1].flops == 2 * 4 * 2 * 512  # full: head_dim 512
+
+
+def test_multi_head_latent_attention_reads_its_compressed_cache():
+    """DeepSeek-V3 caches a latent (kv_lora_rank) and a rotary key (qk_rope_head_dim) per position, not K and V
+    per head; its attention's products are qk_head_dim and v_head_dim wide."""
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        vocab_size=50, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16)).eval()
+    shape = model_shape(model)
+    assert shape.attention[0] == LayerAttention(math.inf, 2 * 4 * ((16 + 8) + 16), 16 + 8)
+    assert (shape.experts, shape.experts_per_token) == (8, 2)
+    rows, prompt_len = 2, 5
+    cache = decode_cache(model, prompt_len + 1)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 50, (rows, prompt_len)), use_cache=True, cache=cache)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    kv_s = rollout_floor(shape, Machine(1.0, 1.0), rows, prompt_len, 2).kv_s
+    assert kv_s == pytest.approx(cached * (prompt_len + 1) / prompt_len)
+
+
+def test_transposed_fused_experts_are_measured_in_their_own_orientation():
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2))
+    assert model.model.layers[0].mlp.experts.is_transposed  # gate_up_proj [E, H, 2I], applied as x @ W
+    shapes = {(k, n): count for k, n, count in product_shapes(model)}
+    assert shapes[(32, 2 * 24)] == 2 * 2 and shapes[(24, 32)] == 2 * 2  # k experts per token, 2 layers
