@@ -2,8 +2,8 @@
 
 Choices:
 - A rollout is its forward passes: the prefill (each distinct prompt's tokens once, the LM head at its last
-  position only: what an engine must do, and what the eager engine does; the CUDA-graph decoder and models
-  with recurrent layers prefill every row, which shows as a lower share) and one decode step per new token.
+  position only: what an engine must do, and what the eager engine does; the CUDA-graph decoder prefills
+  every row, which shows as a lower share) and one decode step per new token.
   Each pass must do its arithmetic (2 x active parameters per token, plus attention's two products over
   the context) and read every active weight once and, in attention, the KV cache of every row up to the
   context. Its floor is max(arithmetic / R, bytes / B); a rollout's floor is the sum over its passes.

@@ -10,10 +10,14 @@ Choices:
   the filled positions: it drops finished rows (the loop's compaction) and copies a prompt's prefilled
   rows to the rows that repeat it (rollout.EagerDecoder.prefill). It copies by `index_select`: on CPU,
   advanced indexing of the whole buffer took 4 to 6 times as long (92-613 us against 16-60 us per buffer
-  at the peer job's shapes). Only attention layers (and the stateless placeholders of layers that read
-  another layer's KV, as in Gemma 4) can do it (`selects_rows`): the recurrent state of
-  linear-attention and hybrid layers (Mamba, gated delta rule) has no row selection in transformers 5.25,
-  so a cache holding one keeps every row to the end and runs each prompt's prefill once per row.
+  at the peer job's shapes). `select_cache_rows(cache, indices)` does it for every layer of a cache:
+  attention layers select their keys and values, the stateless placeholders of layers that read another
+  layer's KV (Gemma 4) have nothing to select, and the linear-attention layers of hybrid models (Mamba,
+  gated delta rule: Bamba, Jamba, Granite hybrids, Qwen3-Next), which have no `batch_select_indices` in
+  transformers 5.25, select the batch rows of their conv and recurrent states with the layer's own
+  `reorder_cache` (beam search's row selection; both states are batch-first, and a row's state depends on
+  that row alone). A cache holding any other kind of layer cannot copy rows (`selects_rows`): it keeps every
+  row to the end and runs each prompt's prefill once per row.
 """
 
 import torch
@@ -88,7 +92,23 @@ ROW_LAYERS = tuple(getattr(cache_utils, name) for name in ("DynamicLayer", "Dyna
                                                            "DynamicIndexedLayer", "DummyLayer")
                    if hasattr(cache_utils, name))
 
+#: Linear-attention cache layer classes whose whole per-row state is their conv and recurrent states, selected
+#: by `reorder_cache` (those combined with an attention layer also select their keys and values).
+STATE_LAYERS = tuple(getattr(cache_utils, name) for name in (
+    "LinearAttentionLayer", "LinearAttentionAndFullAttentionLayer", "LinearAttentionAndSlidingWindowAttentionLayer")
+    if hasattr(cache_utils, name))
+
 
 def selects_rows(cache) -> bool:
-    """Whether every layer of `cache` can copy and drop batch rows (batch_select_indices) with all its state."""
-    return all(type(layer) in ROW_LAYERS or isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    """Whether `select_cache_rows` can copy and drop batch rows of every layer of `cache` with all its state."""
+    return all(type(layer) in ROW_LAYERS + STATE_LAYERS or isinstance(layer, PreallocatedLayer)
+               for layer in cache.layers)
+
+
+def select_cache_rows(cache, indices: torch.Tensor) -> None:
+    """Keep rows `indices` [m] (repeats allowed) of every layer of `cache` (which `selects_rows`), in order."""
+    for layer in cache.layers:
+        if isinstance(layer, STATE_LAYERS):
+            cache_utils.LinearAttentionCacheLayerMixin.reorder_cache(layer, indices)
+        if not isinstance(layer, STATE_LAYERS) or isinstance(layer, DynamicLayer):
+            layer.batch_select_indices(indices)

@@ -11,8 +11,8 @@ Choices:
   copy), so a finished row stops costing a full row's forward; a row's tokens do not depend on which other
   rows are still decoding (up to the float rounding of a different batch size in the matrix products:
   log-probs within 1e-6, docs/rollout.md). Both copies need a cache whose layers can select rows
-  (kv_cache.selects_rows); models with recurrent (Mamba-like) layers prefill every row and keep their
-  finished rows.
+  (kv_cache.selects_rows: attention layers, and the conv and recurrent states of hybrid models' Mamba and
+  gated-delta-rule layers); a cache with any other layer prefills every row and keeps its finished rows.
   The steps go through a decoder: `EagerDecoder` (the default), or with `cuda_graphs` decode_graphs.py's
   `GraphDecoder` (transformers' StaticCache, each batch composition's steps replayed from one CUDA graph).
   The loop runs under torch.inference_mode (less per-op bookkeeping than no_grad); its outputs are
@@ -61,7 +61,7 @@ import torch
 
 from nested_reft.decode_attention import single_query_attention
 from nested_reft.decode_graphs import GraphDecoder, graphs_problem
-from nested_reft.kv_cache import decode_cache, selects_rows
+from nested_reft.kv_cache import decode_cache, select_cache_rows, selects_rows
 from nested_reft.logprobs import scored_head, supports_scored_head
 from nested_reft.nested import skip_layers, unwrap_adapters
 from nested_reft.objectives import token_logprobs
@@ -215,7 +215,7 @@ class EagerDecoder:
 
     def __init__(self, model, capacity: int):
         self.model, self.cache, self.kwarg = model, decode_cache(model, capacity), cache_kwarg(model)
-        self.drops_rows = selects_rows(self.cache)  # attention-only caches: rows can be copied and dropped
+        self.drops_rows = selects_rows(self.cache)  # rows can be copied and dropped (kv_cache.select_cache_rows)
 
     def prefill(self, ids, full_mask, positions) -> torch.Tensor:
         """Logits [N, V] at the last prompt position; ids/positions [N, P], full_mask [N, P + L]. Each distinct
@@ -227,7 +227,7 @@ class EagerDecoder:
                             **{self.kwarg: self.cache}).logits[:, -1]  # [U, V]
         if first.numel() == ids.size(0):
             return logits
-        self.cache.batch_select_indices(inverse)  # row i gets the cache row of its prompt's first occurrence
+        select_cache_rows(self.cache, inverse)  # row i gets the cache row of its prompt's first occurrence
         return logits.index_select(0, inverse)
 
     def distinct_rows(self, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +251,7 @@ class EagerDecoder:
 
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the cache rows `keep` [m']."""
-        self.cache.batch_select_indices(keep)
+        select_cache_rows(self.cache, keep)
 
 
 def _decode(decoder, ids, mask, cfg: SamplingConfig, eos: torch.Tensor, pad_id: int, uniforms, all_done=None):

@@ -5,7 +5,10 @@ difference).
 - `--change prefill`: each prompt prefilled once for its G completions (the default) against every row
   prefilled (before 2026-12-06's third session);
 - `--change compaction`: finished rows dropped by copying the kept rows' filled positions with
-  `index_select` (the default) against indexing the whole cache buffer (before).
+  `index_select` (the default) against indexing the whole cache buffer (before);
+- `--change recurrent` (a hybrid model: Mamba or gated-delta-rule layers): the rows of their conv and
+  recurrent states selected, so that prompts are prefilled once and finished rows leave the batch (the
+  default since 2026-12-07) against every row prefilled and kept to the end (before).
 
     python scripts/rollout_changes_cost.py MODEL_DIR --change prefill --eos 2 --prompt-len 8 --rounds 8
 
@@ -25,6 +28,10 @@ def paths(args) -> dict:
         every_row = lambda self, ids, mask: (torch.arange(n),) * 2  # noqa: E731
         return {"every row": lambda: setattr(rollout.EagerDecoder, "distinct_rows", every_row),
                 "once per prompt": lambda: setattr(rollout.EagerDecoder, "distinct_rows", shared)}
+    if args.change == "recurrent":
+        states = kv_cache.STATE_LAYERS
+        return {"every row kept": lambda: setattr(kv_cache, "STATE_LAYERS", ()),
+                "states' rows selected": lambda: setattr(kv_cache, "STATE_LAYERS", states)}
     filled = kv_cache.select_rows
     whole = lambda buffer, indices, length: buffer[indices]  # noqa: E731
     return {"whole buffer indexed": lambda: setattr(kv_cache, "select_rows", whole),
@@ -32,4 +39,4 @@ def paths(args) -> dict:
 
 
 if __name__ == "__main__":
-    compare_engine_paths(__doc__.splitlines()[0], paths, changes=("prefill", "compaction"))
+    compare_engine_paths(__doc__.splitlines()[0], paths, changes=("prefill", "compaction", "recurrent"))

@@ -330,20 +330,47 @@ def test_distinct_rows_are_told_apart_by_their_mask_too():
 
 
 
-@pytest.mark.parametrize("name", ["bamba", "qwen3_next"])
-def test_models_with_recurrent_layers_keep_their_finished_rows(name):
-    """Mamba / gated-delta-rule layers cannot drop or copy cache rows: the loop keeps every row (no crash
-    when rows finish at different steps) and decodes what HF generate() decodes for each prompt alone."""
+@pytest.mark.parametrize("name, skip", [("bamba", ()), ("jamba", ()), ("qwen3_next", ()), ("qwen3_next", (1,)),
+                                        ("granitemoehybrid", (2,))])  # Bamba and Jamba cannot be nested
+def test_models_with_recurrent_layers_share_the_prefill_and_drop_finished_rows(name, skip):
+    """Mamba / gated-delta-rule layers select the rows of their conv and recurrent states: each prompt is
+    prefilled once, finished rows leave the batch, and every row decodes what HF generate() decodes for its
+    prompt alone (left padding included), on the full model and a nested one."""
+    from nested_reft.kv_cache import decode_cache, selects_rows
+    from nested_reft.nested import skip_layers
+
     model = tiny_hybrid(name)
+    assert selects_rows(decode_cache(model, 8))
     prompts, eos = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], list(range(3, 40))  # many EOS ids: uneven lengths
-    got = generate(model, prompts, 2, SamplingConfig(max_new_tokens=8, min_new_tokens=0, temperature=0), eos, 0)
+    rows, hook = _prefill_rows(model)
+    got = generate(model, prompts, 2, SamplingConfig(max_new_tokens=8, min_new_tokens=0, temperature=0), eos, 0,
+                   skip=skip)
+    hook.remove()
     lengths = got.completion_mask.sum(1)
     assert len(set(lengths.tolist())) > 1  # rows finished at different steps
+    assert rows[0][0] == 3 and min(r[0] for r in rows) < 6  # one prefill row per prompt; finished rows dropped
     for i, prompt in enumerate(prompts):
-        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(prompt):]
+        with skip_layers(model, skip):
+            ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)[0, len(prompt):]
         for row in (2 * i, 2 * i + 1):
             assert got.completion_ids[row, : lengths[row]].tolist() == ref[: lengths[row]].tolist()
+
+
+def test_selecting_rows_of_a_recurrent_cache_selects_its_states():
+    from nested_reft.kv_cache import decode_cache, select_cache_rows
+
+    model = tiny_hybrid("bamba")
+    cache = decode_cache(model, 8)
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 40, (3, 4)), use_cache=True, cache=cache)
+    before = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) if hasattr(layer, "conv_states")
+              else (layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    select_cache_rows(cache, torch.tensor([2, 0, 2]))
+    for (a, b), layer in zip(before, cache.layers):
+        now = ((layer.conv_states[0], layer.recurrent_states[0]) if hasattr(layer, "conv_states")
+               else (layer.keys, layer.values))
+        assert torch.equal(now[0], a[[2, 0, 2]]) and torch.equal(now[1], b[[2, 0, 2]])
 
 
 def test_layers_that_read_another_layers_kv_still_share_the_prefill_and_drop_rows():
