@@ -76,23 +76,26 @@ class ModelShape(NamedTuple):
 def model_shape(model) -> ModelShape:
     """The counts the floor needs, read from a Hugging Face causal LM (and its KV cache after one token)."""
     layers = list(find_layers(model).layers)
-    c = text_config(model)
     weight = next(model.parameters())
     layer_params = sum(p.numel() for layer in layers for p in layer.parameters()) // len(layers)
-    routed = [layer.get_submodule(name) for layer in layers for name, _ in layer.named_modules()
-              if name.rsplit(".", 1)[-1] == "experts"]  # each MoE layer's routed experts
-    experts = _expert_count(routed[0]) if routed else 0
+    routed, experts, per_token = routed_experts(model)
     return ModelShape(len(layers), layer_params, model.get_output_embeddings().weight.numel(),
                       layer_attention(model), weight.element_size(),
                       expert_params=sum(p.numel() for m in routed for p in m.parameters()) // len(layers),
-                      experts=experts, experts_per_token=getattr(c, "num_experts_per_tok", None) or experts)
+                      experts=experts, experts_per_token=per_token)
 
 
-def _expert_count(experts: nn.Module) -> int:
-    """E of an `experts` module: a list of expert MLPs, or transformers 5's fused [E, ...] weights."""
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
-    return next(p.shape[0] for p in experts.parameters() if p.ndim == 3)
+def routed_experts(model) -> tuple[list[nn.Module], int, int]:
+    """(each MoE layer's `experts` module, E, k): E from a list of expert MLPs or transformers 5's fused
+    [E, ...] weights, k from `num_experts_per_tok` (E when the config has none); ([], 0, 0) for a dense model."""
+    routed = [module for layer in find_layers(model).layers for name, module in layer.named_modules()
+              if name.rsplit(".", 1)[-1] == "experts"]
+    if not routed:
+        return [], 0, 0
+    first = routed[0]
+    experts = len(first) if isinstance(first, nn.ModuleList) else next(p.shape[0] for p in first.parameters()
+                                                                       if p.ndim == 3)
+    return routed, experts, getattr(text_config(model), "num_experts_per_tok", None) or experts
 
 
 def layer_attention(model) -> tuple[LayerAttention, ...]:
@@ -218,8 +221,8 @@ def product_shapes(model) -> list[tuple[int, int, float]]:
     def add(k: int, n: int, count: float) -> None:
         counts[(k, n)] = counts.get((k, n), 0) + count
 
-    shape = model_shape(model)
-    routed = shape.experts_per_token / shape.experts if shape.experts else 1.0  # a token meets k of E experts
+    _, experts, per_token = routed_experts(model)
+    routed = per_token / experts if experts else 1.0  # a token meets k of the E experts
     for layer in find_layers(model).layers:
         for name, module in layer.named_modules():
             share = routed if "experts" in name.split(".") else 1.0
@@ -231,7 +234,7 @@ def product_shapes(model) -> list[tuple[int, int, float]]:
                 transposed = getattr(module, "is_transposed", False)  # [E, k, n] (x @ W), else [E, n, k] (F.linear)
                 for p in module.parameters(recurse=False):
                     if p.ndim == 3:
-                        add(*(p.shape[1:] if transposed else p.shape[:0:-1]), shape.experts_per_token)
+                        add(*(p.shape[1:] if transposed else p.shape[:0:-1]), per_token)
     head = model.get_output_embeddings().weight  # [V, H]
     add(head.shape[1], head.shape[0], 1)
     return [(k, n, count) for (k, n), count in counts.items()]

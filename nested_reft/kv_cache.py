@@ -108,7 +108,7 @@ def selects_rows(cache) -> bool:
 def select_cache_rows(cache, indices: torch.Tensor) -> None:
     """Keep rows `indices` [m] (repeats allowed) of every layer of `cache` (which `selects_rows`), in order."""
     for layer in cache.layers:
-        if isinstance(layer, STATE_LAYERS):
+        if isinstance(layer, STATE_LAYERS):  # conv and recurrent states
             cache_utils.LinearAttentionCacheLayerMixin.reorder_cache(layer, indices)
-        if not isinstance(layer, STATE_LAYERS) or isinstance(layer, DynamicLayer):
+        if isinstance(layer, ROW_LAYERS):  # keys and values (PreallocatedLayer; a combined layer has both)
             layer.batch_select_indices(indices)

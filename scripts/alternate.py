@@ -33,6 +33,12 @@ def alternated(run, variants: list, rounds: int, before=None) -> tuple[dict, dic
     return first, {v: statistics.median(t) for v, t in times.items()}
 
 
+def model_arguments(p: argparse.ArgumentParser, preset: str) -> None:
+    """--model DIR or a random-weight --preset (default `preset`), for `load_model`."""
+    p.add_argument("--model", help="model directory (default: a random-weight --preset)")
+    p.add_argument("--preset", default=preset)
+
+
 def shape_arguments(p: argparse.ArgumentParser, rows: int, generations: int, prompt_len: int, tokens: int,
                     rounds: int) -> None:
     """The rollout-shape options every decode-cost script takes, with its own defaults."""

@@ -9,15 +9,14 @@ whether the two sample the same tokens.
 import argparse
 
 import torch
-from alternate import alternated, load_model, random_prompts, shape_arguments
+from alternate import alternated, load_model, model_arguments, random_prompts, shape_arguments
 
 from nested_reft import rollout
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model directory (default: a random-weight --preset)")
-    p.add_argument("--preset", default="tiny-28")
+    model_arguments(p, "tiny-28")
     shape_arguments(p, rows=8, generations=4, prompt_len=32, tokens=64, rounds=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

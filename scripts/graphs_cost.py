@@ -12,15 +12,14 @@ all count as EOS (0.01 of Qwen2.5's vocabulary: completions of about 70 tokens).
 import argparse
 
 import torch
-from alternate import alternated, load_model, random_prompts, shape_arguments
+from alternate import alternated, load_model, model_arguments, random_prompts, shape_arguments
 
 from nested_reft import decode_graphs, rollout
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model directory (default: a random-weight --preset)")
-    p.add_argument("--preset", default="qwen2.5-1.5b")
+    model_arguments(p, "qwen2.5-1.5b")
     shape_arguments(p, rows=16, generations=8, prompt_len=64, tokens=256, rounds=3)
     p.add_argument("--eos-fraction", type=float, default=0.01)
     p.add_argument("--dtype", default="bfloat16")
